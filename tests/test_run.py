@@ -40,15 +40,17 @@ def test_run_notebook_writes_results(tmp_path):
 
 
 def test_supervised_beats_all_defect_baseline(tmp_path):
-    """On easy synthetic images (difficulty 0) a short supervised run must beat the trivial classifier."""
+    """A short supervised run on synthetic images must beat the trivial all-defect classifier."""
     from sewer_ssl.config import ExperimentConfig
     from sewer_ssl.experiment import run_experiment
-    cfg = ExperimentConfig(method="supervised", img_size=32, epochs=4, batch_size=32, device="cpu",
-                           data_dir=str(tmp_path / "data"), out_dir=str(tmp_path / "runs"), test_ps=(0.15,),
-                           data_kwargs=dict(n_train=800, n_val=400, size=48, difficulty=0.0), probe_epochs=200)
+    cfg = ExperimentConfig(method="supervised", img_size=48, epochs=6, batch_size=32, lr=4e-3, device="cpu",
+                           train_p=0.45, test_ps=(0.45, 0.15), min_scale=1.0, t_val=0.0, probe_epochs=200,
+                           data_dir=str(tmp_path / "data"), out_dir=str(tmp_path / "runs"),
+                           data_kwargs=dict(n_train=1200, n_val=800, size=64))
     res = run_experiment(cfg, progress=False)
     for row in res["metrics"].to_dict("records"):
-        assert row["f1"] > row["all_defect_f1"] + 0.1, row
+        assert row["auroc"] > 0.75, row
+        assert row["f1"] > row["all_defect_f1"] + 0.03, row
 
 
 @pytest.mark.parametrize("bad, message", [
@@ -86,3 +88,16 @@ def test_parameters_cell_survives_nbdev_clean():
     for name in ("method", "backbone", "dataset", "data_dir", "train_p", "test_ps", "img_size", "epochs",
                  "batch_size", "seed", "out_dir"):
         assert f"\n{name} = " in "\n" + source, name
+
+
+def test_unreachable_test_proportion_fails_before_training(tmp_path):
+    """A test proportion the test pool cannot supply is reported before anything is trained or written."""
+    from sewer_ssl.config import ExperimentConfig
+    from sewer_ssl.data import DataError
+    from sewer_ssl.experiment import run_experiment
+    cfg = ExperimentConfig(img_size=16, epochs=1, batch_size=16, device="cpu", test_ps=(0.15, 0.01),
+                           data_dir=str(tmp_path / "data"), out_dir=str(tmp_path / "runs"),
+                           data_kwargs=dict(n_train=80, n_val=80, size=24))
+    with pytest.raises(DataError, match="p=0.01 keeps at least one defect only with >= 99 normal images"):
+        run_experiment(cfg, progress=False)
+    assert not (tmp_path / "runs").exists()
