@@ -58,6 +58,7 @@ def test_supervised_beats_all_defect_baseline(tmp_path):
     (dict(method="mae"), "needs backbone vit_tiny"),
     (dict(train_p=1.5), "strictly between 0 and 1"),
     (dict(dataset="imagenet"), "unknown dataset 'imagenet'"),
+    (dict(backbone="resnet50"), "unknown backbone 'resnet50'"),
 ])
 def test_bad_parameters_fail_clearly_and_write_nothing(tmp_path, bad, message):
     out = tmp_path / "executed.ipynb"
