@@ -18,7 +18,9 @@ needs_lightly = pytest.mark.skipif(not HAS_LIGHTLY, reason='lightly not installe
 COLUMNS = {"method", "backbone", "img_size", "batch", "steps", "warmup", "block",
            *(f"{k}_{c}" for k in ("ours", "lightly")
              for c in ("img_s", "s_step", "s_step_iqr", "step_mib", "state_mib", "params_m", "loss")),
-           "ratio_ours_lightly", "ours_e2e_img_s", "e2e_views", "device", "device_name", "torch", "lightly", "command"}
+           *(f"{k}_e2e_{c}" for k in ("ours", "lightly") for c in ("img_s", "s_step", "s_step_iqr")),
+           "ratio_ours_lightly", "ratio_e2e", "e2e_views", "lightly_e2e_views", "memory_format",
+           "device", "device_name", "torch", "lightly", "command"}
 
 
 def test_cli_runs_one_tiny_configuration_and_lightly_is_imported_only_on_demand(tmp_path):
@@ -49,6 +51,10 @@ def test_cli_runs_one_tiny_configuration_and_lightly_is_imported_only_on_demand(
         assert row.lightly_img_s > 0
         assert row.ratio_ours_lightly == pytest.approx(row.ours_img_s / row.lightly_img_s, rel=1e-4)
         assert row.ours_params_m == pytest.approx(row.lightly_params_m)  # SimCLR: identical head widths
+        assert row.lightly_e2e_img_s > 0 and row.lightly_e2e_views == "lightly SimCLRViewTransform per image"
+        assert row.ratio_e2e == pytest.approx(row.ours_e2e_img_s / row.lightly_e2e_img_s, rel=1e-4)
+    assert row.e2e_views == "DeviceViews"
+    assert row.memory_format == ("channels_last" if torch.backends.mkldnn.is_available() else "contiguous_format")
 
 
 def test_supervised_has_no_lightly_column():
@@ -116,3 +122,18 @@ def test_verdict_compares_the_ratio_with_the_noise():
                            lightly_s_step=[2.0, 0.5, 1.2, float("nan")], lightly_s_step_iqr=[0.02, 0.01, 0.1, float("nan")]))
     df["ratio_ours_lightly"] = df.lightly_s_step / df.ours_s_step  # images/s ratio = inverse time ratio
     assert benchmark.verdict(df).tolist() == ["ours faster", "lightly faster", "within noise", ""]
+
+
+@needs_lightly
+def test_both_view_makers_reduce_to_normalisation_without_augmentation():
+    """With the augmentation switched off (crop scale 1, no jitter, no flip) our batched views and
+    lightly's per-image views are both the normalised image: the e2e arms make the same kind of view."""
+    from sewer_ssl.augment import normalize
+    cfg = ExperimentConfig(method="simclr", backbone="resnet18", img_size=16, min_scale=1.0, t_val=0.0, flip=False)
+    u8 = torch.randint(0, 256, (4, 3, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    expected = normalize()(u8)
+    for maker in (benchmark.view_maker, benchmark.lightly_view_maker):
+        make, name = maker(cfg, 2, torch.device("cpu"))
+        views = make(u8)
+        assert len(views) == 2, name
+        for v in views: torch.testing.assert_close(v, expected, atol=1e-5, rtol=0, msg=name)

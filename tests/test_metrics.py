@@ -79,6 +79,22 @@ def test_rankme_counts_equal_singular_values(r):
     assert abs(rankme(z) - r) < 1e-3 * r
 
 
+@pytest.mark.parametrize("r", [2, 7])
+def test_centred_rankme_ignores_a_common_offset(r):
+    """Zero-mean features with r equal singular values, shifted by one common vector orthogonal to them:
+    the centred RankMe is r, the uncentred one matches the hand-computed entropy of (offset, spread)."""
+    rng = np.random.default_rng(r)
+    n, k, shift = 120, 32, 6.0
+    u, _ = np.linalg.qr(np.c_[np.ones(n), rng.normal(size=(n, r))])   # columns 1.. orthogonal to 1
+    v, _ = np.linalg.qr(rng.normal(size=(k, r + 1)))
+    z = u[:, 1:] @ (2.0 * np.eye(r)) @ v[:, :r].T + shift * v[:, r]
+    s = np.r_[shift * np.sqrt(n), np.full(r, 2.0)]
+    p = s / s.sum() + 1e-6
+    assert abs(rankme(z, centre=True) - r) < 1e-2
+    assert abs(rankme(z) - np.exp(-(p * np.log(p)).sum())) < 1e-2
+    assert rankme(z) < rankme(z, centre=True)
+
+
 def test_alpha_exponent_recovers_a_chosen_power_law():
     rng = np.random.default_rng(0)
     n, k, alpha = 300, 40, 1.3
