@@ -47,3 +47,13 @@ def test_sigkill_then_rerun_equals_uninterrupted(tmp_path):
     history = (ckpt.parent / "history.csv").read_text().splitlines()
     reference_history = (tmp_path / "ref" / "run" / "history.csv").read_text().splitlines()
     assert len(history) == len(reference_history)
+
+    # the finished run, named with its data folder relative to the project root, is recognised:
+    # it is re-scored from its stored features, not refused as a run with other settings
+    root = Path(__file__).resolve().parents[1]
+    again = [*command(tmp_path, "ref")[:4], f"data_dir={os.path.relpath(tmp_path / 'data', root)}",
+             *command(tmp_path, "ref")[5:]]
+    res = subprocess.run(again, env=env(), capture_output=True, text=True, cwd=root)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert json.loads((tmp_path / "ref" / "run" / "metrics.json").read_text())["rows"] == reference["rows"]
+
