@@ -62,8 +62,7 @@ def test_dino_trains_with_local_crops():
 def test_channels_last_step_matches_the_default_layout():
     """`train` runs convolutional backbones in channels_last on CPU (`memory_format_for`): one LARS step
     of SimCLR on ResNet-18 gives the same loss and the same updated weights as the default layout."""
-    from sewer_ssl.benchmark import train_step
-    from sewer_ssl.train import build_optimizer
+    from sewer_ssl.train import build_optimizer, optimisation_step
     cfg = ExperimentConfig(method="simclr", backbone="resnet18", img_size=16, batch_size=8,
                            method_kwargs={"proj_hidden": 64, "proj_dim": 32})
     g = torch.Generator().manual_seed(0)
@@ -74,8 +73,9 @@ def test_channels_last_step_matches_the_default_layout():
         torch.manual_seed(0)
         m = build_method(cfg).train().to(memory_format=fmt)
         opt = build_optimizer(m, cfg)
-        loss = train_step(m, opt, [v.contiguous(memory_format=fmt) for v in views], labels, step=0)
-        out[fmt] = (float(loss), {k: v.detach().clone() for k, v in m.state_dict().items()})
+        m.on_step_start(0, 1, 1)
+        res, _ = optimisation_step(m, opt, [v.contiguous(memory_format=fmt) for v in views], labels)
+        out[fmt] = (float(res["loss"]), {k: v.detach().clone() for k, v in m.state_dict().items()})
     (l0, w0), (l1, w1) = out.values()
     assert l0 == pytest.approx(l1, rel=1e-5)
     for k in w0: torch.testing.assert_close(w1[k].contiguous(), w0[k].contiguous(), rtol=1e-4, atol=1e-5, msg=k)
