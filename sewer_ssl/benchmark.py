@@ -401,7 +401,8 @@ def benchmark_config(method: str, backbone: str, img_size: int = 64, batch: int 
              for _ in range(n_views)]
     labels = (torch.rand(batch, generator=g) < 0.5).float().to(device)
     clip_params = {k: method_parameters(m) for k, m in models.items()}  # listed once, as `train` does
-    step_of = lambda k, v: train_step(models[k], opts[k], v, labels, next(counters[k]), grad_clip,
+    # ours clips inside the method (DINO's per-parameter rule); lightly's arm clips in the step
+    step_of = lambda k, v: train_step(models[k], opts[k], v, labels, next(counters[k]), None if k == "ours" else grad_clip,
                                       probe_opt if k == "ours" else None, clip_params[k])
     arms = {k: (lambda k=k: step_of(k, views)) for k in models}
     makers = {}

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import builtins
+import copy
 import json
 import math
 import os
@@ -21,14 +22,16 @@ from .config import ExperimentConfig
 from .data import PAPER_SEED, ImageCache, describe_splits, load_index, make_splits, test_sets
 from .evaluate import (KNN_K, LinearProbe, extract_splits, knn_scores, scores_at_proportions,
                                 val_thresholds)
-from .metrics import alpha_exponent, rankme
+from .controls import control_scores
+from .metrics import alpha_exponent, lidar, rankme
 from .methods import build_method
 from .distributed import barrier, init_distributed, is_main_process
-from .train import atomic_write_text, train
+from .train import atomic_write, atomic_write_text, train
+from sklearn.metrics import roc_auc_score
 
 # %% auto #0
-__all__ = ['METRIC_COLUMNS', 'MONITOR_IMAGES', 'project_root', 'resolve', 'run_experiment', 'summary_table', 'parse_overrides',
-           'main']
+__all__ = ['METRIC_COLUMNS', 'MONITOR_IMAGES', 'LIDAR_IMAGES', 'LIDAR_VIEWS', 'project_root', 'resolve', 'view_embeddings',
+           'run_experiment', 'summary_table', 'parse_overrides', 'main']
 
 # %% ../nbs/10_experiment.ipynb #5f3752fd
 def project_root(start=None) -> Path:
@@ -59,6 +62,26 @@ def _json_ready(x):
 
 
 MONITOR_IMAGES = 512  # validation images scored after every epoch
+LIDAR_IMAGES, LIDAR_VIEWS = 256, 8  # training images and augmented views per image for LiDAR
+
+
+@torch.no_grad()
+def view_embeddings(method, augment, images, rows, views: int = LIDAR_VIEWS, seed: int = 0, device="cpu") -> np.ndarray:
+    """Backbone features of `views` augmented views of each cached image `images[rows]`, made by the run's
+    own view transform `augment`, in eval mode: (n images, views, d), for LiDAR."""
+    was = method.training
+    method.eval()
+    x = torch.from_numpy(np.ascontiguousarray(images[np.sort(rows)])).permute(0, 3, 1, 2).to(device)
+    g = torch.Generator(device=device).manual_seed(seed)
+    out = []
+    try:
+        while len(out) < views:
+            for v in augment(x, generator=g)[:views - len(out)]:
+                with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=x.device.type == "cuda"):
+                    out.append(method.features(v).float().cpu())
+    finally:
+        method.train(was)
+    return torch.stack(out, 1).numpy()
 
 
 def run_experiment(cfg: ExperimentConfig, progress: bool = True, workers: int | None = None) -> dict:
@@ -88,6 +111,8 @@ def run_experiment(cfg: ExperimentConfig, progress: bool = True, workers: int | 
     pos_weight = (len(train_df) - n_pos) / max(n_pos, 1)
     torch.manual_seed(cfg.seed)
     method = build_method(cfg, pos_weight=pos_weight)
+    # the untrained control: this run's backbone at its initialisation (same seed, same architecture)
+    initial_backbone = copy.deepcopy(method.backbone)
 
     run_dir = resolve(cfg.run_dir)
     if main:
@@ -128,25 +153,47 @@ def run_experiment(cfg: ExperimentConfig, progress: bool = True, workers: int | 
             classifiers["head"] = on_features(method.head_logits)
     # label-free: kNN distance to the training embeddings, and the shape of the feature spectrum
     knn = knn_scores(feats["train"], feats["test"], k=min(KNN_K, len(train_df)), device=device)
+    knn_of = {name: knn for name in classifiers}
+    # the controls (chapter 09a), on the same training set and test images, cached across runs
+    controls = control_scores(initial_backbone, cache.images, rows, names, train_df.Defect.to_numpy(),
+                              architecture=f"{cfg.backbone}:{type(method).backbone_kwargs(cfg.method_settings)}",
+                              probe_epochs=cfg.probe_epochs, probe_lr=cfg.probe_lr, seed=cfg.seed, device=device,
+                              cache_dir=resolve("outputs/cache/controls"))
+    for name, c in controls.items():
+        classifiers[name] = {"val": c["val"], "test": c["test"]}
+        knn_of[name] = c["knn"]
+    lidar_rows = train_df.sample(min(LIDAR_IMAGES, len(train_df)), random_state=PAPER_SEED).Filename
+    lidar_views = view_embeddings(method, augment, cache.images, cache.rows(lidar_rows), device=device)
     label_free = {"rankme_train": rankme(feats["train"]), "rankme_test": rankme(feats["test"]),
                   "rankme_centred_train": rankme(feats["train"], centre=True),
                   "rankme_centred_test": rankme(feats["test"], centre=True),
                   "alpha_train": alpha_exponent(feats["train"]), "alpha_test": alpha_exponent(feats["test"]),
-                  "knn_k": min(KNN_K, len(train_df))}
+                  "lidar_train": lidar(lidar_views), "knn_k": min(KNN_K, len(train_df))}
     tables = [scores_at_proportions(test_pool, logits["test"], cfg.test_ps, PAPER_SEED,
                                     extra={"classifier": name, "rankme": label_free["rankme_test"],
                                            "alpha": label_free["alpha_test"]},
                                     thresholds=val_thresholds(val_pool, logits["val"], cfg.test_ps, PAPER_SEED),
-                                    anomaly_scores={"knn": knn})
+                                    anomaly_scores={"knn": knn_of[name]})
               for name, logits in classifiers.items()]
     metrics = pd.concat(tables, ignore_index=True)
     metrics = metrics[[c for c in METRIC_COLUMNS if c in metrics] + [c for c in metrics if c not in METRIC_COLUMNS]]
+    # every classifier's score of every test-pool image: paired comparisons between runs resample these
+    test_scores = {"filename": names["test"].astype(str), "defect": test_pool.Defect.to_numpy().astype(np.int8),
+                   **{f"logit__{n}": np.asarray(v["test"], np.float32) for n, v in classifiers.items()},
+                   **{f"knn__{n}": np.asarray(v, np.float32) for n, v in knn_of.items()}}
+    def write_scores(tmp):
+        with open(tmp, "wb") as fh: np.savez_compressed(fh, **test_scores)
+    atomic_write(run_dir / "test_scores.npz", write_scores)
+    # AUROC on the whole validation pool: what a budget or a model may be chosen by (never the test pool)
+    val_y = val_pool.Defect.to_numpy()
+    val_auroc = {n: float(roc_auc_score(val_y, v["val"])) if 0 < val_y.sum() < len(val_y) else None
+                 for n, v in classifiers.items()}
     summary = {
         "run_id": cfg.name, "method": cfg.method, "backbone": cfg.backbone, "dataset": cfg.dataset,
         "train_p": cfg.train_p, "splits": describe_splits(splits).reset_index().to_dict("records"),
         "final_loss": float(history.loss.iloc[-5:].mean()) if len(history) else None,
         "train_seconds": round(train_seconds, 2), "total_seconds": round(time.perf_counter() - t_start, 2),
-        "device": str(device), **label_free, **_last_epoch(history), "rows": metrics.to_dict("records"),
+        "device": str(device), "val_auroc": val_auroc, **label_free, **_last_epoch(history), "rows": metrics.to_dict("records"),
     }
     summary = _json_ready(summary)
     atomic_write_text(run_dir / "metrics.json", json.dumps(summary, indent=2, allow_nan=False))

@@ -22,16 +22,17 @@ from dataclasses import dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from .config import BACKBONE_ONLY, BACKBONES, METHODS, PROPORTIONS, ConfigError, ExperimentConfig
 
 # %% auto #0
-__all__ = ['AUG_MIN_SCALES', 'AUG_T_VALS', 'RESOLUTIONS', 'NO_AUGMENTATION', 'PAPER_BUDGET', 'NOTEBOOK_PARAMETERS', 'GRIDS',
-           'ID_COLUMNS', 'GridError', 'project_root', 'GridSpec', 'grid_coordinates', 'Cell', 'build_cells',
-           'config_differences', 'cell_state', 'default_notebook', 'run_cell', 'prepare_data', 'visible_gpus',
-           'worker_env', 'write_grid_status', 'run_grid', 'run_rows', 'results_table', 'write_results_table',
-           'build_parser', 'main']
+__all__ = ['AUG_MIN_SCALES', 'AUG_T_VALS', 'RESOLUTIONS', 'NO_AUGMENTATION', 'PAPER_BUDGET', 'STUDY_BUDGET', 'STUDY_EPOCHS',
+           'STUDY_SEEDS', 'NOTEBOOK_PARAMETERS', 'GRIDS', 'ID_COLUMNS', 'GridError', 'project_root', 'GridSpec',
+           'grid_coordinates', 'Cell', 'build_cells', 'config_differences', 'cell_state', 'default_notebook',
+           'run_cell', 'prepare_data', 'visible_gpus', 'worker_env', 'write_grid_status', 'run_grid', 'run_rows',
+           'results_table', 'write_results_table', 'build_parser', 'main']
 
 # %% ../nbs/11_grid.ipynb #3a95e96f
 class GridError(ValueError):
@@ -70,6 +71,11 @@ AUG_T_VALS = (0.1, 0.275, 0.45, 0.625, 0.8)        # ... and columns
 RESOLUTIONS = (64, 128, 224, 384, 512)
 NO_AUGMENTATION = dict(min_scale=1.0, t_val=0.0, flip=False)  # the whole image, no jitter, no mirror
 PAPER_BUDGET = dict(img_size=224, epochs=45, batch_size=256, seed=42)
+# the replication study's budget on a 2-core CPU (nbs/studies/replication.ipynb): 32 px, at most 1,000
+# training images, the whole of each (small) CSV; the epochs come from the pilot grid's curve
+STUDY_BUDGET = dict(img_size=32, batch_size=64, sample_frac=1.0, max_train=1000)
+STUDY_EPOCHS = 6   # the pilot: +0.02 validation AUROC per doubling from 3 to 24 epochs
+STUDY_SEEDS = (42, 43, 44)
 # run.ipynb's parameters cell; every other ExperimentConfig field travels in its `options` dict
 NOTEBOOK_PARAMETERS = ("method", "backbone", "dataset", "data_dir", "train_p", "test_ps", "img_size", "epochs",
                        "batch_size", "seed", "out_dir", "run_id", "device")
@@ -86,9 +92,24 @@ class GridSpec:
     axes: dict                                  # ExperimentConfig field -> values, crossed in this order
     fixed: dict = field(default_factory=dict)   # settings every cell shares (an axis of the same name wins)
     tag: str = ""                               # appended to run ids: grids never share a run folder
+    # a grid that is a union of smaller crosses: each group's axes are crossed with `axes` (e.g. the
+    # seeds); groups run in order, each complete over `axes` before the next (the first groups are
+    # the ones a short budget must finish), and a cell shared by two groups runs once
+    groups: tuple = ()
+
+    def coordinates(self) -> list[dict]:
+        if not self.groups: return grid_coordinates(self.axes)
+        out, seen = [], set()
+        for g in self.groups:
+            for outer in grid_coordinates(self.axes):
+                for c in grid_coordinates(g):
+                    cell = {**outer, **c}
+                    key = tuple(sorted((k, str(v)) for k, v in cell.items()))
+                    if key not in seen: seen.add(key); out.append(cell)
+        return out
 
     @property
-    def size(self) -> int: return len(grid_coordinates(self.axes))
+    def size(self) -> int: return len(self.coordinates())
 
 
 def grid_coordinates(axes: dict) -> list[dict]:
@@ -108,6 +129,18 @@ GRIDS = {
     "resolution": GridSpec("resolution", "image size, supervised, without augmentation",
                            dict(method=("supervised",), backbone=BACKBONES, train_p=(0.15,), img_size=RESOLUTIONS),
                            fixed=NO_AUGMENTATION, tag="noaug"),
+    "pilot": GridSpec("pilot", "SimCLR on ResNet-18 at the study budget for 3-24 epochs: sets the replication's epochs",
+                      dict(method=("simclr",), backbone=("resnet18",), train_p=(0.15,), epochs=(3, 6, 12, 24)),
+                      fixed=STUDY_BUDGET),
+    "replication": GridSpec(
+        "replication", "the findings' cells at the study budget, 3 seeds (nbs/studies/replication.ipynb)",
+        dict(seed=STUDY_SEEDS), fixed=dict(STUDY_BUDGET, epochs=STUDY_EPOCHS),
+        groups=(dict(method=("simclr", "barlow", "mae"), backbone=("vit_tiny",), train_p=(0.45, 0.01)),  # JE vs MAE
+                dict(method=("simclr", "byol", "barlow", "dino"), backbone=("resnet18",), train_p=(0.45, 0.01)),  # BYOL at 1 %
+                dict(method=("byol", "dino"), backbone=("vit_tiny",), train_p=(0.45, 0.01)),  # method vs backbone
+                dict(method=("supervised", "simclr"), backbone=BACKBONES, train_p=(0.15,)),  # gap to supervised
+                dict(method=("simclr", "barlow", "mae"), backbone=("vit_tiny",), train_p=(0.05,)),
+                dict(method=("simclr", "byol", "barlow", "dino"), backbone=("resnet18",), train_p=(0.05,)))),
 }
 
 # %% ../nbs/11_grid.ipynb #ba4a5325
@@ -165,22 +198,34 @@ def build_cells(grid: str | GridSpec, *, outputs="outputs", out_dir=None, datase
     outputs = root / Path(outputs).expanduser()          # an absolute `outputs` stays as it is
     runs = root / Path(out_dir).expanduser() if out_dir else outputs / "runs" / grid.name
     data = root / Path(data_dir).expanduser() if data_dir else root / "outputs" / "data" / dataset
-    base = dict(PAPER_BUDGET, dataset=dataset, data_dir=str(data), test_ps=list(test_ps))
-    if epochs is not None: base["epochs"] = epochs
+    base = _merge_settings(dict(PAPER_BUDGET, dataset=dataset, data_dir=str(data), test_ps=list(test_ps)), grid.fixed)
+    if epochs is not None: base["epochs"] = epochs           # the command line wins over the grid's budget
     if batch_size is not None: base["batch_size"] = batch_size
-    base = _merge_settings(_merge_settings(base, grid.fixed), settings)
-    grid_axes = dict(grid.axes)
+    base = _merge_settings(base, settings)
+    given = {}
     for name, values in axes.items():
         if values is None: continue
         if name not in _CONFIG_FIELDS: raise GridError(f"unknown axis {name!r}; axes are ExperimentConfig fields")
         values = tuple(values) if isinstance(values, (list, tuple)) else (values,)
         if not values: raise GridError(f"axis {name!r} needs at least one value")
-        grid_axes[name] = values
-    clash = sorted(set(grid_axes) & set(_merge_settings({}, settings)))
+        given[name] = values
+    grid_axes = {**grid.axes, **given}
+    group_axes = {k for g in grid.groups for k in g}
+    clash = sorted((set(grid_axes) | group_axes) & set(_merge_settings({}, settings)))
     if clash:
         raise GridError(f"{clash} are axes of grid {grid.name!r}; give their values as axes "
                         f"(e.g. --{clash[0].replace('_', '-')}s on the command line), not as settings")
-    coords = grid_coordinates(grid_axes)
+    if grid.groups:
+        # a grid of groups: a given axis the groups cross keeps only the cells with those values;
+        # any other given axis replaces (or adds) an outer axis
+        outer = {k: v for k, v in given.items() if k not in group_axes}
+        coords = dataclasses.replace(grid, axes={**grid.axes, **outer}).coordinates()
+        for name, values in given.items():
+            if name in group_axes:
+                coords = [c for c in coords if any(c[name] == v or (isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                                     and np.isclose(c[name], v)) for v in values)]
+    else:
+        coords = grid_coordinates(grid_axes)
     if not coords:
         raise GridError(f"grid {grid.name!r} has no cells with these axes ({grid_axes}); MAE runs only on "
                         f"{BACKBONE_ONLY['mae']}")

@@ -12,6 +12,8 @@ from torch import nn
 import copy
 import math
 
+import numpy as np
+
 from .backbones import MAEDecoder, create_backbone, fix_sincos_pos_embed, mae_encode
 from .config import METHODS, ConfigError, ExperimentConfig
 from .distributed import all_reduce_mean_, gather_batch
@@ -19,7 +21,8 @@ from .losses import barlow_twins_loss, byol_loss, dino_loss, mae_loss, nt_xent_l
 
 # %% auto #0
 __all__ = ['METHOD_REGISTRY', 'register_method', 'Method', 'SimCLR', 'Supervised', 'cosine_momentum', 'ema_update',
-           'make_teacher', 'mlp', 'BYOL', 'BarlowTwins', 'DINOHead', 'DINO', 'MAE', 'build_method']
+           'make_teacher', 'mlp', 'BYOL', 'BarlowTwins', 'DINOHead', 'clip_per_parameter', 'DINO', 'MAE',
+           'build_method']
 
 # %% ../nbs/06_methods.ipynb #e2e15220
 METHOD_REGISTRY: dict[str, type] = {}
@@ -78,12 +81,13 @@ class SimCLR(Method):
         self.temperature = temperature
 
     def forward(self, views, labels=None):
-        x = torch.cat(views)  # one backbone pass for both views keeps BatchNorm statistics joint
-        f = self.backbone(x)
-        z1, z2 = self.projector(f).chunk(2)
+        # each view passes the backbone on its own, as in the authors' code: BatchNorm normalises
+        # each view with its own batch statistics (one concatenated pass would mix the two views)
+        f = [self.backbone(v) for v in views]
+        z1, z2 = (self.projector(x) for x in f)
         # negatives come from the global batch when several processes train together
         loss = nt_xent_loss(gather_batch(z1), gather_batch(z2), self.temperature)
-        return {"loss": loss, **self.feature_health(f[:views[0].shape[0]])}
+        return {"loss": loss, **self.feature_health(f[0])}
 
 # %% ../nbs/06_methods.ipynb #34646a9a
 @register_method("supervised")
@@ -148,14 +152,12 @@ class BYOL(Method):
         self.tau = ema_start
 
     def forward(self, views, labels=None):
-        n = views[0].shape[0]
-        x = torch.cat(views)
-        f = self.backbone(x)
-        p1, p2 = self.predictor(self.projector(f)).chunk(2)
+        f = [self.backbone(v) for v in views]  # one pass per view (BatchNorm statistics per view)
+        p1, p2 = (self.predictor(self.projector(x)) for x in f)
         with torch.no_grad():
-            t1, t2 = self.teacher(x).chunk(2)
+            t1, t2 = (self.teacher(v) for v in views)
         loss = byol_loss(p1, t2) + byol_loss(p2, t1)
-        return {"loss": loss, "tau": self.tau, **self.feature_health(f[:n])}
+        return {"loss": loss, "tau": self.tau, **self.feature_health(f[0])}
 
     def on_step_end(self):
         self.tau = cosine_momentum(self.step, self.total_steps, *self.ema)
@@ -170,18 +172,21 @@ class BarlowTwins(Method):
         self.lambd, self.loss_scale = lambd, loss_scale
 
     def forward(self, views, labels=None):
-        f = self.backbone(torch.cat(views))
-        z1, z2 = self.projector(f).chunk(2)
+        f = [self.backbone(v) for v in views]  # one pass per view (BatchNorm statistics per view)
+        z1, z2 = (self.projector(x) for x in f)
         # the cross-correlation is a statistic of the global batch
         loss = barlow_twins_loss(gather_batch(z1), gather_batch(z2), self.lambd, self.loss_scale)
-        return {"loss": loss, **self.feature_health(f[:views[0].shape[0]])}
+        return {"loss": loss, **self.feature_health(f[0])}
 
 # %% ../nbs/06_methods.ipynb #8af73250
 class DINOHead(nn.Module):
     "MLP -> l2-normalised bottleneck -> weight-normalised prototypes (norm fixed to 1)."
     def __init__(self, in_dim, hidden=2048, bottleneck=256, prototypes=8192):
         super().__init__()
-        self.mlp = mlp([in_dim, hidden, hidden, bottleneck], bn=False, act=nn.GELU)
+        self.mlp = mlp([in_dim, hidden, hidden, bottleneck], bn=False, act=nn.ReLU)
+        for m in self.mlp.modules():   # the authors' initialisation of the head's Linear layers
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02); nn.init.zeros_(m.bias)
         self.last_layer = nn.utils.parametrizations.weight_norm(nn.Linear(bottleneck, prototypes, bias=False))
         self.last_layer.parametrizations.weight.original0.data.fill_(1)
         self.last_layer.parametrizations.weight.original0.requires_grad_(False)
@@ -189,11 +194,19 @@ class DINOHead(nn.Module):
     def forward(self, x): return self.last_layer(F.normalize(self.mlp(x), dim=-1))
 
 
+@torch.no_grad()
+def clip_per_parameter(params, clip: float) -> None:
+    "Scale each parameter's gradient to norm <= `clip` by its own norm (DINO's rule), without a host sync."
+    for p in params:
+        if p.grad is not None:
+            p.grad.mul_((clip / (p.grad.norm() + 1e-6)).clamp(max=1.0))
+
+
 @register_method("dino")
 class DINO(Method):
     def __init__(self, backbone, feat_dim, head_hidden=2048, bottleneck=256, prototypes=8192, student_temp=0.1,
                  teacher_temp_start=0.04, teacher_temp_end=0.07, teacher_temp_epochs=15, center_momentum=0.9,
-                 freeze_last_layer_epochs=1, ema_start=0.996, ema_end=0.999, paper_epochs=45, **_):
+                 freeze_last_layer_epochs=1, ema_start=0.996, ema_end=0.999, paper_epochs=45, grad_clip=1.0, **_):
         super().__init__(backbone, feat_dim)
         self.head = DINOHead(feat_dim, head_hidden, bottleneck, prototypes)
         self.teacher = make_teacher(nn.Sequential(backbone, self.head))
@@ -202,23 +215,25 @@ class DINO(Method):
         self.teacher_temps = (teacher_temp_start, teacher_temp_end, teacher_temp_epochs / paper_epochs)
         self.freeze_last_layer_epochs = freeze_last_layer_epochs
         self.ema, self.tau = (ema_start, ema_end), ema_start
+        self.grad_clip = grad_clip
 
     def teacher_temp(self) -> float:
-        "Linear warmup of the teacher temperature over the first `teacher_temp_epochs / 45` of training."
+        """The teacher temperature of the current epoch: `linspace(start, end, W)[epoch]` over the first
+        W = `teacher_temp_epochs / 45` of the epochs (at least one), then `end`."""
         start, end, frac = self.teacher_temps
-        warm = max(int(frac * getattr(self, "total_steps", 0)), 1)
-        return end if getattr(self, "step", warm) >= warm else start + (end - start) * self.step / warm
+        if not hasattr(self, "step"): return end
+        epochs = max(round(self.total_steps / max(self.steps_per_epoch, 1)), 1)
+        warm, epoch = max(round(frac * epochs), 1), self.step // max(self.steps_per_epoch, 1)
+        return float(np.linspace(start, end, warm)[epoch]) if epoch < warm else end
 
     def forward(self, views, labels=None):
         n_global = 2
-        # global and local crops differ in size: one backbone pass per resolution, as DINO does
-        groups = [[views[0]]]
-        for v in views[1:]:
-            (groups[-1].append(v) if v.shape[-2:] == groups[-1][0].shape[-2:] else groups.append([v]))
-        f = torch.cat([self.backbone(torch.cat(g)) for g in groups])
-        student = list(self.head(f).chunk(len(views)))
+        # one backbone pass per view, global and local alike, as in the authors' code (BatchNorm
+        # statistics per view)
+        f = [self.backbone(v) for v in views]
+        student = [self.head(x) for x in f]
         with torch.no_grad():
-            teacher = list(self.teacher(torch.cat(views[:n_global])).chunk(n_global))
+            teacher = [self.teacher(v) for v in views[:n_global]]
         temp = self.teacher_temp()
         loss = dino_loss(student, teacher, self.center, self.student_temp, temp)
         # entropy of the teacher's targets: ln K means uniform targets (collapse onto the centre)
@@ -230,9 +245,10 @@ class DINO(Method):
                 batch_center = all_reduce_mean_(torch.cat(teacher).float().mean(0, keepdim=True))
                 self.center.mul_(self.center_momentum).add_(batch_center, alpha=1 - self.center_momentum)
         return {"loss": loss, "teacher_temp": temp, "tau": self.tau, "teacher_entropy": entropy,
-                **self.feature_health(f[:views[0].shape[0]])}
+                **self.feature_health(f[0])}
 
     def on_before_optimizer_step(self):
+        if self.grad_clip: clip_per_parameter(self.backbone.parameters(), self.grad_clip)  # backbone only
         if self.step < self.freeze_last_layer_epochs * self.steps_per_epoch:
             for p in self.head.last_layer.parameters(): p.grad = None  # the prototypes wait one epoch
 

@@ -14,7 +14,7 @@ from .config import CIW, CODES
 
 # %% auto #0
 __all__ = ['binary_metrics', 'trivial_baselines', 'f2_per_code', 'f2_ciw', 'f2_ciw_binary', 'per_code_recall', 'rankme',
-           'eigenspectrum', 'alpha_exponent']
+           'eigenspectrum', 'alpha_exponent', 'lidar']
 
 # %% ../nbs/08_metrics.ipynb #278e1c22
 def binary_metrics(y_true, y_pred, y_score=None) -> dict:
@@ -133,3 +133,20 @@ def alpha_exponent(z, fit_range: tuple | None = None, rel_tol: float = 1e-6) -> 
     if keep.sum() < 2: return float("nan")
     slope = np.polyfit(np.log(ranks[keep]), np.log(lam[keep]), 1)[0]
     return float(-slope)
+
+# %% ../nbs/08_metrics.ipynb #760a5b1e
+def lidar(views, delta: float = 1e-4, eps: float = 1e-8) -> float:
+    "LiDAR (Thilak et al. 2024) of embeddings `views` shaped (n images, q views, d): exp-entropy of the LDA spectrum."
+    e = np.asarray(views, np.float64)
+    if e.ndim != 3 or e.shape[0] < 2 or e.shape[1] < 2:
+        raise ValueError(f"LiDAR needs (n images, q views, d) with n >= 2 and q >= 2; got shape {e.shape}")
+    n, q, d = e.shape
+    mu_i = e.mean(1)
+    between = np.cov(mu_i, rowvar=False, ddof=1).reshape(d, d)
+    within = (e - mu_i[:, None]).reshape(-1, d)
+    within = within.T @ within / (n * (q - 1)) + delta * np.eye(d)
+    w, v = np.linalg.eigh(within)
+    inv_sqrt = (v / np.sqrt(w)) @ v.T
+    lam = np.clip(np.linalg.eigvalsh(inv_sqrt @ between @ inv_sqrt), 0, None)
+    p = lam / lam.sum() + eps
+    return float(np.exp(-(p * np.log(p)).sum()))

@@ -413,7 +413,9 @@ class _Scene:
             return self._wall_angle(-np.pi / 2, 1.3), self.anchors["joint"]
         if "hole" in self.anchors:
             th, z, rh = self.anchors["hole"]
-            return th, z - rh
+            # just in front of the connection, but never behind the camera (a hole near the camera
+            # with a wide radius would give a negative depth)
+            return th, max(z - rh, 0.5 * z)
         return self._wall_angle(-np.pi / 2, 1.4), self._joint_near(v["depth"])
 
     def _segments(self, pts_list, widths):
@@ -945,20 +947,25 @@ def _dataset_problem(out: Path, params: dict):
 
 
 def generate_dataset(out_dir, n_train=4000, n_val=4000, size=128, defect_rate=0.47,
-                     difficulty=DEFAULT_DIFFICULTY, seed=0, workers=1, overwrite=False) -> Path:
+                     difficulty=DEFAULT_DIFFICULTY, seed=0, workers=1, overwrite=False,
+                     val_defect_rate: float | None = None) -> Path:
     """Write a synthetic Sewer-ML: out_dir/images/00000001.png ..., SewerML_Train.csv, SewerML_Val.csv
     (columns `COLUMNS`) and synthetic.json. Returns out_dir. A complete dataset with the same parameters
     is reused; anything else there raises unless overwrite=True. Output does not depend on `workers`.
     The Val split is as large as Train (Sewer-ML's is an eighth) so that the test pool, re-sampled to
-    1 % defects, still holds a handful of defect images."""
+    1 % defects, still holds a handful of defect images. `val_defect_rate` (default: `defect_rate`) sets
+    the Val split's own rate: a study that needs many normal test images at 1 % asks for a lower one."""
     out = Path(out_dir)
     params = dict(generator="sewer_ssl.synthetic", version=GENERATOR_VERSION, n_train=int(n_train),
                   n_val=int(n_val), size=int(size), defect_rate=float(defect_rate),
                   difficulty=float(difficulty), seed=int(seed))
+    if val_defect_rate is not None:  # only when asked, so that existing datasets keep their identity
+        params["val_defect_rate"] = float(val_defect_rate)
     if n_train < 0 or n_val < 0 or n_train + n_val == 0:
         raise ValueError(f"need a positive number of images, got n_train={n_train}, n_val={n_val}")
-    if not 0 <= defect_rate <= 1:
-        raise ValueError(f"defect_rate must be in [0, 1], got {defect_rate!r}")
+    for name, rate in (("defect_rate", defect_rate), ("val_defect_rate", val_defect_rate)):
+        if rate is not None and not 0 <= rate <= 1:
+            raise ValueError(f"{name} must be in [0, 1], got {rate!r}")
     if out.exists() and any(out.iterdir()):
         problem = _dataset_problem(out, params)
         if problem is None:
@@ -972,7 +979,8 @@ def generate_dataset(out_dir, n_train=4000, n_val=4000, size=128, defect_rate=0.
         (tmp / "images").mkdir()
         tasks, start, chunk = [], 1, 50
         for split_no, n in enumerate((n_train, n_val)):
-            flags = _defect_flags(n, defect_rate, seed, split_no)
+            rate = val_defect_rate if split_no == 1 and val_defect_rate is not None else defect_rate
+            flags = _defect_flags(n, rate, seed, split_no)
             for s in range(0, n, chunk):
                 tasks.append((str(tmp / "images"), start + s, flags[s:s + chunk].tolist(), size, difficulty, seed))
             start += n

@@ -249,7 +249,6 @@ def train(method: torch.nn.Module, dataset, cfg: ExperimentConfig, run_dir=None,
             atomic_write(ckpt_path, lambda t: torch.save(state, t))
         barrier()
 
-    grad_clip = cfg.method_settings.get("grad_clip")
     step = start_epoch * steps_per_epoch + start_batch
     with _SigtermFlag() as sigterm:
         for epoch in range(start_epoch, cfg.epochs):
@@ -279,8 +278,10 @@ def train(method: torch.nn.Module, dataset, cfg: ExperimentConfig, run_dir=None,
                 else:
                     views = [v.to(device, non_blocking=True) for v in x]
                 views = [v.contiguous(memory_format=fmt) for v in views]
+                # a method that clips its gradients does so in on_before_optimizer_step (DINO: per
+                # parameter, backbone only, as the authors)
                 out, (probe_loss, probe_logits) = optimisation_step(method, opt, views, labels, probe_opt,
-                                                                    grad_clip, train_params, forward)
+                                                                    None, train_params, forward)
                 with torch.no_grad():
                     pred, y = probe_logits.detach() > 0, labels > 0.5
                     probe_counts += torch.stack([(pred & y).sum(), (pred & ~y).sum(), (~pred & y).sum()]).float()
