@@ -19,7 +19,7 @@ from sklearn.metrics import average_precision_score, precision_recall_curve, roc
 from .augment import eval_transform
 from .config import CODES
 from .data import DataError
-from .metrics import (binary_metrics, f2_ciw, f2_ciw_binary, per_code_recall, trivial_baselines)
+from .metrics import (binary_metrics, f2_ciw, f2_ciw_binary, f2_ciw_cap, per_code_recall, trivial_baselines)
 from .train import atomic_write
 
 # %% auto #0
@@ -192,7 +192,7 @@ def _code_columns(sub: pd.DataFrame, pred: np.ndarray, has_codes: bool, per_code
         out = {"f2_ciw": np.nan, "f2_ciw_multilabel": np.nan}
         return {**out, **({f"recall_{c}": np.nan for c in CODES} if per_code else {})}
     codes = sub[list(CODES)].to_numpy()
-    out = {"f2_ciw": f2_ciw_binary(codes, pred),
+    out = {"f2_ciw": f2_ciw_binary(codes, pred), "f2_ciw_cap": f2_ciw_cap(codes),
            "f2_ciw_multilabel": f2_ciw(codes, np.repeat(pred[:, None], len(CODES), axis=1))}
     if per_code: out.update({f"recall_{c}": v for c, v in per_code_recall(codes, pred).items()})
     return out

@@ -106,8 +106,8 @@ def load_scores(run_dirs, score: str = "logit__linear_probe") -> tuple[np.ndarra
         with np.load(d / "test_scores.npz", allow_pickle=False) as f:
             if score not in f.files:
                 raise KeyError(f"{d / 'test_scores.npz'} has no {score!r}; it holds {sorted(f.files)}")
-            if names is None: names, labels = f["filename"], f["defect"].astype(int)
-            elif not np.array_equal(names, f["filename"]):
+            if names is None: names, labels = f["filename"].astype(str), f["defect"].astype(int)
+            elif not np.array_equal(names, f["filename"].astype(str)):
                 raise ValueError(f"{d} was scored on other test images than {Path(run_dirs[0])}: not a paired comparison")
             cols[d.name] = f[score]
     return labels, pd.DataFrame(cols, index=names)

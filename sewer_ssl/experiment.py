@@ -178,9 +178,12 @@ def run_experiment(cfg: ExperimentConfig, progress: bool = True, workers: int | 
     metrics = pd.concat(tables, ignore_index=True)
     metrics = metrics[[c for c in METRIC_COLUMNS if c in metrics] + [c for c in metrics if c not in METRIC_COLUMNS]]
     # every classifier's score of every test-pool image: paired comparisons between runs resample these
-    test_scores = {"filename": names["test"].astype(str), "defect": test_pool.Defect.to_numpy().astype(np.int8),
+    # (kNN scores once per feature space: the trained backbone's, and each control's)
+    test_scores = {"filename": names["test"].astype(str).astype(np.bytes_),
+                   "defect": test_pool.Defect.to_numpy().astype(np.int8),
                    **{f"logit__{n}": np.asarray(v["test"], np.float32) for n, v in classifiers.items()},
-                   **{f"knn__{n}": np.asarray(v, np.float32) for n, v in knn_of.items()}}
+                   "knn__trained": np.asarray(knn, np.float32),
+                   **{f"knn__{n}": np.asarray(c["knn"], np.float32) for n, c in controls.items()}}
     def write_scores(tmp):
         with open(tmp, "wb") as fh: np.savez_compressed(fh, **test_scores)
     atomic_write(run_dir / "test_scores.npz", write_scores)
