@@ -24,12 +24,20 @@ def test_run_notebook_writes_results(tmp_path):
                                         options=_options(tmp_path, method_kwargs=dict(proj_hidden=128, proj_dim=64)),
                                         **TINY))
     run = tmp_path / "runs" / "tiny"
-    assert {p.name for p in run.iterdir()} >= {"config.json", "history.csv", "metrics.json", "checkpoint.pt"}
+    assert {p.name for p in run.iterdir()} >= {"config.json", "history.csv", "metrics.json", "checkpoint.pt", "test_scores.npz"}
     cfg = json.loads((run / "config.json").read_text())
     assert cfg["method"] == "simclr" and cfg["img_size"] == 32 and cfg["resolved"]["optimizer"] == "lars"
     metrics = json.loads((run / "metrics.json").read_text())
     assert [r["test_p"] for r in metrics["rows"] if r["classifier"] == "linear_probe"] == [0.15, 0.05]
-    assert {r["classifier"] for r in metrics["rows"]} == {"linear_probe", "online_probe"}
+    # the probes, and the two controls scored on the same test images (chapter 09a)
+    assert {r["classifier"] for r in metrics["rows"]} == {"linear_probe", "online_probe", "image_statistics", "untrained"}
+    assert set(metrics["val_auroc"]) == {"linear_probe", "online_probe", "image_statistics", "untrained"}
+    assert metrics["lidar_train"] > 1
+    import numpy as np
+    with np.load(run / "test_scores.npz") as f:
+        n_test = sum(s["rows"] for s in metrics["splits"] if s["index"] == "test")
+        assert len(f["filename"]) == len(f["logit__untrained"]) == len(f["knn__trained"]) == n_test
+        assert set(np.unique(f["defect"])) == {0, 1}
     for r in metrics["rows"]:
         assert {"f1", "precision", "recall", "f1_normal", "all_defect_f1"} <= set(r)
         assert 0 <= r["f1"] <= 1 and 0 <= r["f1_normal"] <= 1
@@ -50,6 +58,7 @@ def test_supervised_beats_all_defect_baseline(tmp_path):
                            data_kwargs=dict(n_train=1200, n_val=800, size=64))
     res = run_experiment(cfg, progress=False)
     for row in res["metrics"].to_dict("records"):
+        if row["classifier"] in ("image_statistics", "untrained"): continue   # the controls: not the model under test
         # 18 defect images at p = 0.15: the AUROC's standard error is about 0.07, so 0.7 is ~3 SE above chance
         assert row["auroc"] > 0.7, row
         assert row["f1"] > row["all_defect_f1"] + 0.03, row
