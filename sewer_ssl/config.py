@@ -91,6 +91,34 @@ def _check_proportion(name, p):
         raise ConfigError(f"{name} must be a defect proportion strictly between 0 and 1, got {p!r}")
 
 
+def _parse_list(name, value):
+    """A list setting as a user types it: a sequence, a JSON list (`"[0.45, 0.01]"`), comma-separated
+    numbers (`"0.45,0.01"`) or one number; anything else raises `ConfigError` with the accepted forms."""
+    if isinstance(value, str):
+        text = value.strip()
+        try: value = json.loads(text) if text.startswith("[") else [float(v) for v in text.split(",") if v.strip()]
+        except ValueError:
+            raise ConfigError(f"{name}={value!r} is not a list of numbers; write it as [0.45, 0.01] or 0.45,0.01") from None
+    if isinstance(value, (int, float)) and not isinstance(value, bool): value = [value]
+    if not isinstance(value, (list, tuple)):
+        raise ConfigError(f"{name} must be a list of numbers such as [0.45, 0.01], got {value!r}")
+    try: return tuple(float(v) for v in value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name}={value!r} holds something that is not a number; write it as [0.45, 0.01]") from None
+
+
+def _parse_dict(name, value):
+    "A dict setting as a user types it: a dict, or its JSON text (`'{\"max_train\": 500}'`)."
+    if isinstance(value, str):
+        try: value = json.loads(value) if value.strip() else {}
+        except ValueError:
+            raise ConfigError(f"{name}={value!r} is not a dict; write it as JSON, e.g. {{\"n_train\": 400}}") from None
+    if value is None: value = {}
+    if not isinstance(value, dict):
+        raise ConfigError(f"{name} must be a dict of settings, e.g. {{\"n_train\": 400}}, got {value!r}")
+    return dict(value)
+
+
 def _check_positive(name, v, kind=int):
     if isinstance(v, bool) or not isinstance(v, (int, float)) or (kind is int and v != int(v)) or v <= 0:
         raise ConfigError(f"{name} must be a positive {'integer' if kind is int else 'number'}, got {v!r}")
@@ -131,7 +159,9 @@ class ExperimentConfig:
     run_id: str | None = None          # None: derived from the settings
 
     def __post_init__(self):
-        self.test_ps = tuple(float(p) for p in self.test_ps)
+        self.test_ps = _parse_list("test_ps", self.test_ps)
+        self.method_kwargs = _parse_dict("method_kwargs", self.method_kwargs)
+        self.data_kwargs = _parse_dict("data_kwargs", self.data_kwargs)
         self.validate()
 
     def validate(self):
@@ -149,6 +179,17 @@ class ExperimentConfig:
             raise ConfigError(f"sample_frac must be in (0, 1], got {self.sample_frac!r}")
         for name in ("img_size", "epochs", "batch_size", "probe_epochs"):
             _check_positive(name, getattr(self, name))
+        if self.batch_size < 2:  # BatchNorm needs at least two images per batch in training mode
+            raise ConfigError(f"batch_size must be at least 2 (BatchNorm normalises over the batch), got {self.batch_size}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ConfigError(f"seed must be a non-negative integer, got {self.seed!r} ({type(self.seed).__name__})")
+        for name in ("flip", "compile"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        if self.run_id is not None and (not isinstance(self.run_id, str) or not self.run_id.strip()
+                                        or any(ch in self.run_id for ch in "/\\") or self.run_id in (".", "..")):
+            raise ConfigError(f"run_id must be a plain folder name (no '/', '\\' or '..'), got {self.run_id!r}; "
+                              "the run folder always lies inside out_dir")
         if self.max_train is not None: _check_positive("max_train", self.max_train)
         for name in ("lr", "warmup_lr", "probe_lr"):
             if getattr(self, name) is not None: _check_positive(name, getattr(self, name), float)
