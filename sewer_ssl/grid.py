@@ -397,13 +397,27 @@ def write_grid_status(cells: list[Cell], outcomes: dict | None = None) -> Path:
     return _atomic_text(path, json.dumps(doc, indent=1, default=str))
 
 
-def _run_local(todo, notebook, workers, gpus, finish, log):
+def _taken_meanwhile(cell: Cell) -> str | None:
+    "The state of a queued cell that another process finished or started since this grid began (else None)."
+    state, _ = cell_state(cell)
+    return state if state in ("done", "running", "submitted", "conflict") else None
+
+
+def _run_local(todo, notebook, workers, gpus, finish, log, recheck: bool = True):
     ctx = get_context("spawn")
     with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
         queue, running, free = list(todo), {}, list(range(workers))
         while queue or running:
             while queue and free:
-                slot, cell = free.pop(0), queue.pop(0)
+                cell = queue.pop(0)
+                # a grid running beside this one may have taken the cell since the queue was made:
+                # two processes must never write one run folder
+                taken = _taken_meanwhile(cell) if recheck else None
+                if taken:
+                    log(f"skip   {cell.run_id}: {taken} by another process since this grid started")
+                    finish(cell, dict(run_id=cell.run_id, status="done" if taken == "done" else "skipped"))
+                    continue
+                slot = free.pop(0)
                 env = worker_env(slot, workers, gpus)
                 log(f"start  {cell.run_id}" + (f" on GPU {env['CUDA_VISIBLE_DEVICES']}" if gpus else ""))
                 running[pool.submit(run_cell, cell, notebook, env)] = (cell, slot)
@@ -518,7 +532,7 @@ def run_grid(cells: list[Cell], *, workers: int | None = None, gpus=None, notebo
     elif todo:
         gpus = visible_gpus() if gpus is None else [str(g) for g in gpus]
         workers = max(1, workers or len(gpus) or 1)
-        _run_local(todo, notebook, min(workers, len(todo)), gpus, finish, log)
+        _run_local(todo, notebook, min(workers, len(todo)), gpus, finish, log, recheck=not force)
     write_grid_status(cells, outcomes)
     return pd.DataFrame([{**rows[c.run_id], **c.coords} for c in cells])
 

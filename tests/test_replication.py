@@ -132,3 +132,20 @@ def test_replication_grid_runs_its_priority_groups_first_and_filters_by_method()
     assert {(c.coords["method"], c.coords["seed"]) for c in only} == {("byol", 42)}
     assert {c.coords["backbone"] for c in only} == {"resnet18", "vit_tiny"}
     assert build_cells("replication", outputs="/tmp/none", epochs=2)[0].settings["epochs"] == 2   # the command line wins
+
+
+def test_a_local_grid_skips_a_cell_another_process_finished_or_started_meanwhile(tmp_path):
+    import json, os, socket
+    from sewer_ssl.grid import _run_local
+    cells = build_cells("pilot", outputs=str(tmp_path))[:2]
+    done, running = cells
+    done.run_dir.mkdir(parents=True)
+    (done.run_dir / "config.json").write_text(done.config().to_json())
+    (done.run_dir / "metrics.json").write_text(json.dumps({"rows": []}))
+    running.run_dir.mkdir(parents=True)
+    (running.run_dir / "cell_status.json").write_text(json.dumps(
+        dict(status="running", host=socket.gethostname(), pid=os.getpid(), started="now")))
+    seen, logs = {}, []
+    _run_local(cells, None, 1, [], lambda c, r: seen.update({c.run_id: r["status"]}), logs.append)
+    assert seen == {done.run_id: "done", running.run_id: "skipped"}      # no worker was started for either
+    assert all(line.startswith("skip") for line in logs)
