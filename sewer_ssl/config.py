@@ -157,6 +157,7 @@ class ExperimentConfig:
     device: str = "auto"               # 'auto', 'cpu', 'cuda', 'cuda:1', ...
     out_dir: str = "outputs/runs"
     run_id: str | None = None          # None: derived from the settings
+    overwrite: bool = False            # replace a run folder that holds a run with other settings
 
     def __post_init__(self):
         self.test_ps = _parse_list("test_ps", self.test_ps)
@@ -183,7 +184,7 @@ class ExperimentConfig:
             raise ConfigError(f"batch_size must be at least 2 (BatchNorm normalises over the batch), got {self.batch_size}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ConfigError(f"seed must be a non-negative integer, got {self.seed!r} ({type(self.seed).__name__})")
-        for name in ("flip", "compile"):
+        for name in ("flip", "compile", "overwrite"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if self.run_id is not None and (not isinstance(self.run_id, str) or not self.run_id.strip()

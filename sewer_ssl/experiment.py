@@ -8,6 +8,7 @@ from __future__ import annotations
 import builtins
 import copy
 import json
+import shutil
 import math
 import os
 import time
@@ -18,8 +19,8 @@ import pandas as pd
 import torch
 
 from .augment import CachedImages, device_views_for
-from .config import ExperimentConfig
-from .data import PAPER_SEED, ImageCache, describe_splits, load_index, make_splits, test_sets
+from .config import ConfigError, ExperimentConfig
+from .data import PAPER_SEED, DataError, ImageCache, describe_splits, load_index, make_splits, test_sets
 from .evaluate import (KNN_K, LinearProbe, extract_splits, knn_scores, scores_at_proportions,
                                 val_thresholds)
 from .controls import control_scores
@@ -30,8 +31,8 @@ from .train import atomic_write, atomic_write_text, train
 from sklearn.metrics import roc_auc_score
 
 # %% auto #0
-__all__ = ['METRIC_COLUMNS', 'MONITOR_IMAGES', 'LIDAR_IMAGES', 'LIDAR_VIEWS', 'project_root', 'resolve', 'view_embeddings',
-           'run_experiment', 'summary_table', 'parse_overrides', 'main']
+__all__ = ['METRIC_COLUMNS', 'MONITOR_IMAGES', 'EVALUATION_ONLY', 'LIDAR_IMAGES', 'LIDAR_VIEWS', 'project_root', 'resolve',
+           'check_run_folder', 'view_embeddings', 'run_experiment', 'summary_table', 'parse_overrides', 'main']
 
 # %% ../nbs/10_experiment.ipynb #5f3752fd
 def project_root(start=None) -> Path:
@@ -62,6 +63,27 @@ def _json_ready(x):
 
 
 MONITOR_IMAGES = 512  # validation images scored after every epoch
+# settings a re-run may change without training again: they only change the evaluation, or where and how it runs
+EVALUATION_ONLY = ("test_ps", "probe_epochs", "probe_lr", "num_workers", "device", "out_dir", "compile", "overwrite")
+
+
+def check_run_folder(run_dir: Path, cfg: ExperimentConfig) -> None:
+    """Refuse (ConfigError) a run folder that holds a run with other training settings, naming them, before
+    anything is written; with `cfg.overwrite`, empty it instead."""
+    saved_path = run_dir / "config.json"
+    if not saved_path.is_file(): return
+    if cfg.overwrite:
+        shutil.rmtree(run_dir, ignore_errors=True); return
+    try: saved = json.loads(saved_path.read_text(encoding="utf-8"))
+    except ValueError:
+        raise ConfigError(f"{saved_path} is damaged (not JSON), so {run_dir} cannot be resumed safely; choose another "
+                          "run_id, or set overwrite=True to replace the folder") from None
+    want = json.loads(cfg.to_json(resolved=False))
+    diff = [f"{k}: {saved[k]!r} there, {v!r} now" for k, v in want.items()
+            if k not in EVALUATION_ONLY and k in saved and saved[k] != v]
+    if diff:
+        raise ConfigError(f"{run_dir} holds a run with other settings ({'; '.join(diff[:6])}); nothing was changed. "
+                          "Choose another run_id, or set overwrite=True to replace that run")
 LIDAR_IMAGES, LIDAR_VIEWS = 256, 8  # training images and augmented views per image for LiDAR
 
 
@@ -100,6 +122,11 @@ def run_experiment(cfg: ExperimentConfig, progress: bool = True, workers: int | 
     # every run, whatever its seed, is scored on the same test images; an unreachable test
     # proportion fails here, before anything is trained or written
     test_sets(test_pool, cfg.test_ps, PAPER_SEED)
+    if len(train_df) < 2:
+        raise DataError(f"the training set holds {len(train_df)} image(s) (train_p={cfg.train_p}, sample_frac="
+                        f"{cfg.sample_frac}, max_train={cfg.max_train}); a batch needs at least 2")
+    # a folder describes one run: settings that do not fit what is there fail here, before any write
+    if is_main_process(): check_run_folder(resolve(cfg.run_dir), cfg)
     device = init_distributed(cfg.device)  # under torchrun: join the process group
     main = is_main_process()
     cache = ImageCache.for_index(index, cfg.img_size, cache_dir=resolve("outputs/cache"))
@@ -131,6 +158,11 @@ def run_experiment(cfg: ExperimentConfig, progress: bool = True, workers: int | 
     t_train = time.perf_counter()
     history = train(method, dataset, cfg, run_dir, progress=progress, augment=augment, monitor=monitor)
     train_seconds = time.perf_counter() - t_train
+    start, total = history.attrs.get("start_step", 0), history.attrs.get("total_steps", 0)
+    action = "re-evaluated" if total and start >= total else f"resumed at step {start}" if start else "trained"
+    if action == "re-evaluated":  # keep the training time the run recorded when it trained
+        previous = _read_summary(run_dir / "metrics.json")
+        if previous.get("train_seconds") is not None: train_seconds = previous["train_seconds"]
     if not main:  # rank 0 evaluates and writes; the other processes are done
         return {"run_dir": run_dir, "metrics": None, "history": history, "splits": splits, "summary": None}
     atomic_write_text(run_dir / "history.csv", history.to_csv(index=False))
@@ -193,7 +225,7 @@ def run_experiment(cfg: ExperimentConfig, progress: bool = True, workers: int | 
                  for n, v in classifiers.items()}
     summary = {
         "run_id": cfg.name, "method": cfg.method, "backbone": cfg.backbone, "dataset": cfg.dataset,
-        "train_p": cfg.train_p, "splits": describe_splits(splits).reset_index().to_dict("records"),
+        "train_p": cfg.train_p, "action": action, "splits": describe_splits(splits).reset_index().to_dict("records"),
         "final_loss": float(history.loss.iloc[-5:].mean()) if len(history) else None,
         "train_seconds": round(train_seconds, 2), "total_seconds": round(time.perf_counter() - t_start, 2),
         "device": str(device), "val_auroc": val_auroc, **label_free, **_last_epoch(history), "rows": metrics.to_dict("records"),
@@ -201,6 +233,11 @@ def run_experiment(cfg: ExperimentConfig, progress: bool = True, workers: int | 
     summary = _json_ready(summary)
     atomic_write_text(run_dir / "metrics.json", json.dumps(summary, indent=2, allow_nan=False))
     return {"run_dir": run_dir, "metrics": metrics, "history": history, "splits": splits, "summary": summary}
+
+
+def _read_summary(path) -> dict:
+    try: return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError): return {}
 
 
 def _last_epoch(history: pd.DataFrame) -> dict:

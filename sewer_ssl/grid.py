@@ -246,7 +246,7 @@ def build_cells(grid: str | GridSpec, *, outputs="outputs", out_dir=None, datase
     return cells
 
 # %% ../nbs/11_grid.ipynb #9bde6553
-_IGNORED_IN_COMPARISON = ("out_dir", "device", "num_workers")   # where and how, not what, a run computed
+_IGNORED_IN_COMPARISON = ("out_dir", "device", "num_workers", "overwrite")   # where and how, not what, a run computed
 
 
 def config_differences(saved: dict, cfg: ExperimentConfig) -> list[str]:

@@ -113,7 +113,7 @@ def memory_format_for(device: torch.device) -> torch.memory_format:
 def _train_signature(cfg: ExperimentConfig) -> dict:
     "The settings a checkpoint must share with the run that resumes it."
     d = cfg.to_dict()
-    for k in ("out_dir", "run_id", "test_ps", "num_workers", "device", "probe_epochs", "probe_lr", "compile"):
+    for k in ("out_dir", "run_id", "test_ps", "num_workers", "device", "probe_epochs", "probe_lr", "compile", "overwrite"):
         d.pop(k, None)
     return json.loads(json.dumps(d, default=list))
 
@@ -233,10 +233,17 @@ def train(method: torch.nn.Module, dataset, cfg: ExperimentConfig, run_dir=None,
     history, start_epoch, start_batch = [], 0, 0
     ckpt_path = Path(run_dir) / "checkpoint.pt" if run_dir else None
     if ckpt_path and ckpt_path.exists():
-        state = torch.load(ckpt_path, map_location=device, weights_only=True)
+        try:
+            state = torch.load(ckpt_path, map_location=device, weights_only=True)
+        except (RuntimeError, EOFError, OSError, ValueError) as e:  # truncated, empty or not a checkpoint
+            raise TrainingError(f"{ckpt_path} is damaged and cannot be read ({type(e).__name__}: {str(e)[:120]}); "
+                                "delete it to train this run afresh (nothing else in the folder is touched)") from None
         if state["signature"] != _train_signature(cfg):
-            raise TrainingError(f"{ckpt_path} was written by a run with other settings; choose another "
-                                "out_dir or run_id, or delete the checkpoint to start afresh")
+            want = _train_signature(cfg)
+            diff = [f"{k}: {state['signature'].get(k)!r} there, {want.get(k)!r} now"
+                    for k in sorted(set(want) | set(state["signature"])) if state["signature"].get(k) != want.get(k)]
+            raise TrainingError(f"{ckpt_path} was written by a run with other settings ({'; '.join(diff[:5])}); "
+                                "choose another out_dir or run_id, or set overwrite=True to start afresh")
         method.load_state_dict(state["model"]); opt.load_state_dict(state["optimizer"])
         probe_opt.load_state_dict(state["probe_optimizer"])
         history, start_epoch, start_batch = state["history"], state["epoch"], state.get("batch", 0)
@@ -250,6 +257,7 @@ def train(method: torch.nn.Module, dataset, cfg: ExperimentConfig, run_dir=None,
         barrier()
 
     step = start_epoch * steps_per_epoch + start_batch
+    first_step = step   # where this call starts: 0 (trained), inside (resumed) or the end (nothing to train)
     with _SigtermFlag() as sigterm:
         for epoch in range(start_epoch, cfg.epochs):
             torch.manual_seed(_epoch_seed(cfg.seed, epoch))
@@ -325,7 +333,9 @@ def train(method: torch.nn.Module, dataset, cfg: ExperimentConfig, run_dir=None,
             if sigterm.raised and epoch + 1 < cfg.epochs:
                 raise TrainingInterrupted(f"SIGTERM after epoch {epoch + 1}: checkpoint written to {ckpt_path}; "
                                           "run the same command again to resume")
-    return pd.DataFrame(history)
+    out = pd.DataFrame(history)
+    out.attrs.update(start_step=first_step, total_steps=total_steps)
+    return out
 
 
 def _flush(pending: list, world: int) -> list:

@@ -1,0 +1,69 @@
+"""Fault injection: a run folder describes one run, damaged files are named, settings arrive as a user types them.
+Run alone with `pytest -m faults`."""
+import json
+
+import pytest
+
+from sewer_ssl.config import ConfigError, ExperimentConfig
+from sewer_ssl.experiment import run_experiment
+from sewer_ssl.train import TrainingError
+
+pytestmark = pytest.mark.faults
+
+
+def _cfg(tmp_path, **kw):
+    return ExperimentConfig(**{**dict(method="simclr", img_size=16, epochs=1, batch_size=32, device="cpu",
+                                      data_dir=str(tmp_path / "data"), out_dir=str(tmp_path / "runs"), run_id="r",
+                                      test_ps=(0.15,), probe_epochs=20, data_kwargs=dict(n_train=160, n_val=240, size=16),
+                                      method_kwargs=dict(proj_hidden=32, proj_dim=16)), **kw})
+
+
+def test_a_run_folder_keeps_describing_its_own_run(tmp_path):
+    first = run_experiment(_cfg(tmp_path), progress=False)
+    run = first["run_dir"]
+    assert first["summary"]["action"] == "trained"
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.suffix in (".json", ".csv")}
+    with pytest.raises(ConfigError, match=r"epochs: 1 there, 2 now.*another run_id, or set overwrite=True"):
+        run_experiment(_cfg(tmp_path, epochs=2), progress=False)
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.suffix in (".json", ".csv")} == before   # untouched
+    again = run_experiment(_cfg(tmp_path, test_ps=(0.15, 0.05)), progress=False)   # evaluation-only change
+    assert again["summary"]["action"] == "re-evaluated"
+    assert again["summary"]["train_seconds"] == first["summary"]["train_seconds"]     # the recorded time is kept
+    fresh = run_experiment(_cfg(tmp_path, epochs=2, overwrite=True), progress=False)
+    assert fresh["summary"]["action"] == "trained"
+    assert json.loads((run / "config.json").read_text())["epochs"] == 2
+
+
+def test_a_damaged_checkpoint_is_named_with_the_fix(tmp_path):
+    cfg = _cfg(tmp_path)
+    run = cfg.run_dir
+    run.mkdir(parents=True)
+    (run / "config.json").write_text(cfg.replace(data_dir=str((tmp_path / "data").resolve())).to_json())
+    for content in (b"", b"PK\x03\x04 truncated"):
+        (run / "checkpoint.pt").write_bytes(content)
+        with pytest.raises(TrainingError, match=r"checkpoint.pt is damaged.*delete it"):
+            run_experiment(cfg, progress=False)
+        assert (run / "checkpoint.pt").read_bytes() == content        # nothing is deleted behind the user's back
+
+
+def test_a_damaged_config_is_named(tmp_path):
+    cfg = _cfg(tmp_path)
+    cfg.run_dir.mkdir(parents=True)
+    (cfg.run_dir / "config.json").write_text("{not json")
+    with pytest.raises(ConfigError, match=r"config.json is damaged"):
+        run_experiment(cfg, progress=False)
+
+
+@pytest.mark.parametrize("typed, parsed", [("[0.45, 0.01]", (0.45, 0.01)), ("0.45,0.01", (0.45, 0.01)), (0.05, (0.05,)),
+                                           ([0.15], (0.15,))])
+def test_list_settings_arrive_as_typed(typed, parsed):
+    assert ExperimentConfig(test_ps=typed).test_ps == parsed
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(test_ps="[0.45"), "write it as"), (dict(test_ps="a,b"), "write it as"), (dict(seed="42"), "seed must be"),
+    (dict(batch_size=1), "at least 2"), (dict(run_id="../elsewhere"), "plain folder name"),
+    (dict(data_kwargs="{n_train: 4"), "not a dict"), (dict(overwrite="yes"), "true or false")])
+def test_bad_settings_name_the_setting_and_the_fix(bad, message):
+    with pytest.raises(ConfigError, match=message):
+        ExperimentConfig(**bad)
