@@ -263,9 +263,12 @@ def _alive(pid) -> bool:
 
 
 def cell_state(cell: Cell) -> tuple[str, str | None]:
-    "(state, detail): done, conflict, running, submitted, interrupted, failed or pending."
+    "(state, detail): done, conflict, corrupt, running, submitted, interrupted, failed or pending."
     run_dir = cell.run_dir
     if (run_dir / "metrics.json").is_file():
+        metrics = _read_json(run_dir / "metrics.json")
+        if not isinstance(metrics, dict) or not metrics.get("rows"):   # half-written or damaged: not a result
+            return "corrupt", f"{run_dir / 'metrics.json'} does not parse or holds no rows; the cell runs again"
         diff = config_differences(_read_json(run_dir / "config.json") or {}, cell.config())
         if diff:
             return "conflict", (f"{run_dir} holds a finished run with other settings: {'; '.join(diff[:4])}. "
@@ -490,7 +493,7 @@ def run_grid(cells: list[Cell], *, workers: int | None = None, gpus=None, notebo
     array_parallelism, wait) to run as a job array instead; `force`: also start cells reported running elsewhere."""
     if not cells: raise GridError("no cells to run")
     states = {c.run_id: cell_state(c) for c in cells}
-    start_states = ("pending", "failed", "interrupted") + (("running", "submitted") if force else ())
+    start_states = ("pending", "failed", "interrupted", "corrupt") + (("running", "submitted") if force else ())
     todo = [c for c in cells if states[c.run_id][0] in start_states]
     rows = {c.run_id: dict(run_id=c.run_id, before=states[c.run_id][0], outcome="skipped",
                            error=states[c.run_id][1] if states[c.run_id][0] in ("conflict", "failed") else None,
@@ -710,7 +713,11 @@ def main(argv=None) -> int:
         return 0
     path, _ = write_results_table(args.grid, outputs, out_dir)
     print(f"wrote {path}; status in {Path(cells[0].status_dir) / 'grid_status.json'}")
-    return int(report.outcome.isin(["failed", "conflict"]).any())
+    missing = [(c.run_id, s) for c in cells for s, _ in [cell_state(c)] if s != "done"]
+    if missing:   # the table never silently lacks a cell
+        print(f"{len(missing)} of {len(cells)} cells are not done, so the table lacks them: "
+              + ", ".join(f"{r} ({s})" for r, s in missing[:5]) + (" ..." if len(missing) > 5 else ""), file=sys.stderr)
+    return int(report.outcome.isin(["failed", "conflict"]).any() or bool(missing))
 
 # %% ../nbs/11_grid.ipynb #45c947c1
 if __name__ == "__main__" and "get_ipython" not in globals():

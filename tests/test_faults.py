@@ -67,3 +67,16 @@ def test_list_settings_arrive_as_typed(typed, parsed):
 def test_bad_settings_name_the_setting_and_the_fix(bad, message):
     with pytest.raises(ConfigError, match=message):
         ExperimentConfig(**bad)
+
+
+def test_the_grid_reruns_a_cell_whose_metrics_are_damaged(tmp_path):
+    from sewer_ssl.grid import build_cells, cell_state
+    cell = build_cells("pilot", outputs=str(tmp_path))[0]
+    cell.run_dir.mkdir(parents=True)
+    (cell.run_dir / "config.json").write_text(cell.config().to_json())
+    for damaged in ("", '{"rows": [', '{"rows": []}'):
+        (cell.run_dir / "metrics.json").write_text(damaged)
+        state, detail = cell_state(cell)
+        assert state == "corrupt" and "runs again" in detail
+    (cell.run_dir / "metrics.json").write_text(json.dumps({"rows": [{"f1": 0.5}]}))
+    assert cell_state(cell)[0] == "done"
