@@ -28,7 +28,7 @@ from .config import CODES, COLUMNS, PROPORTIONS, SPLIT_FILES, ExperimentConfig
 __all__ = ['PAPER_SEED', 'DATASET_READERS', 'DataError', 'safe_image_path', 'read_sewer_csv', 'write_demo_folder',
            'code_combination', 'allocate_proportional', 'stratified_split', 'stratified_sample', 'imbalance_counts',
            'sample_imbalanced', 'SewerIndex', 'cap_keep_proportion', 'make_splits', 'test_sets', 'describe_splits',
-           'ImageCache', 'load_index']
+           'image_stamps', 'ImageCache', 'load_index']
 
 # %% ../nbs/02_data.ipynb #3b3259c9
 class DataError(ValueError):
@@ -359,10 +359,11 @@ def describe_splits(splits: dict) -> pd.DataFrame:
 
 # %% ../nbs/02_data.ipynb #6e6e2486
 def _to_rgb(im: Image.Image) -> Image.Image:
-    "Any PIL mode as 8-bit RGB (16-bit grayscale keeps its top 8 bits; alpha dropped)."
+    """Any PIL mode as 8-bit RGB (16-bit grayscale keeps its top 8 bits, whatever the image's own range, so a
+    pixel value means the same fraction of full scale in every image; alpha dropped)."""
     if im.mode.startswith("I;16") or im.mode == "I":
         a = np.asarray(im).astype(np.int64)
-        im = Image.fromarray((np.clip(a, 0, 65535) >> 8 if a.max() > 255 else a).astype(np.uint8), "L")
+        im = Image.fromarray((np.clip(a, 0, 65535) >> 8).astype(np.uint8), "L")
     elif im.mode == "F":
         im = Image.fromarray(np.clip(np.asarray(im), 0, 255).astype(np.uint8), "L")
     elif im.mode in ("P", "PA", "LA", "L") and "transparency" in im.info:
@@ -397,6 +398,17 @@ def _decode_chunk(images_path: str, shape: tuple, image_dir: str, names: list, r
 
 # %% ../nbs/02_data.ipynb #8e0be429
 _CACHE_VERSION = 1
+
+
+def image_stamps(image_dir, names) -> str:
+    """SHA-1 of every image file's size and modification time: a rewritten, added or removed image
+    changes it, so the cache follows the images and not only the CSVs (one `stat` per file, no read)."""
+    h, root = hashlib.sha1(), Path(image_dir)
+    for name in names:
+        try: st = os.stat(root / str(name))
+        except OSError: h.update(f"{name}:missing;".encode()); continue
+        h.update(f"{name}:{st.st_size}:{st.st_mtime_ns};".encode())
+    return h.hexdigest()
 
 
 def _files_fingerprint(paths) -> str:
@@ -439,7 +451,8 @@ class ImageCache:
     def for_index(cls, index: SewerIndex, size: int, cache_dir="outputs/cache") -> "ImageCache":
         "One cache for every image of a dataset index (train and val rows)."
         names = pd.concat([index.train["Filename"], index.val["Filename"]], ignore_index=True)
-        return cls(index.image_dir, names, size, cache_dir, _files_fingerprint(index.sources))
+        return cls(index.image_dir, names, size, cache_dir,
+                   _files_fingerprint(index.sources) + "|" + image_stamps(index.image_dir, names))
 
     def _create(self, key: str) -> None:
         "Build the cache folder under a temporary name and rename it into place (atomic)."

@@ -80,3 +80,35 @@ def test_the_grid_reruns_a_cell_whose_metrics_are_damaged(tmp_path):
         assert state == "corrupt" and "runs again" in detail
     (cell.run_dir / "metrics.json").write_text(json.dumps({"rows": [{"f1": 0.5}]}))
     assert cell_state(cell)[0] == "done"
+
+
+def test_the_image_cache_follows_the_images_not_only_the_csv(tmp_path):
+    import os
+    import numpy as np
+    from PIL import Image
+    from sewer_ssl.data import ImageCache, load_index, write_demo_folder
+    write_demo_folder(tmp_path / "imgs", n=12, size=16, seed=0, csv_name="labels.csv")
+    cfg = ExperimentConfig(dataset="folder", data_dir=str(tmp_path / "imgs"))
+    index = load_index(cfg)
+    first = ImageCache.for_index(index, 16, cache_dir=tmp_path / "cache")
+    names = list(first.filenames)
+    first.ensure(names, workers=1, progress=False)
+    old = first.images[first.rows(names)].copy()
+    for n in names:   # the case: every image overwritten with a black one, CSVs untouched
+        p = index.image_dir / n
+        st = os.stat(p)
+        Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(p)
+        os.utime(p, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))
+    second = ImageCache.for_index(load_index(cfg), 16, cache_dir=tmp_path / "cache")
+    assert second.dir != first.dir
+    second.ensure(names, workers=1, progress=False)
+    assert old.any() and not second.images[second.rows(names)].any()
+
+
+def test_a_dark_16_bit_image_keeps_its_scale():
+    import numpy as np
+    from PIL import Image
+    from sewer_ssl.data import _to_rgb
+    dark = Image.fromarray(np.full((4, 4), 200, np.uint16))          # 200 of 65535: almost black
+    bright = Image.fromarray(np.full((4, 4), 51400, np.uint16))
+    assert np.asarray(_to_rgb(dark)).max() == 0 and np.asarray(_to_rgb(bright)).min() == 200
