@@ -408,7 +408,8 @@ def _taken_meanwhile(cell: Cell) -> str | None:
 
 def _run_local(todo, notebook, workers, gpus, finish, log, recheck: bool = True):
     ctx = get_context("spawn")
-    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+    # workers (and the kernels they start) end with this process, even after kill -9: no orphan holds a cell
+    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=die_with_parent) as pool:
         queue, running, free = list(todo), {}, list(range(workers))
         while queue or running:
             while queue and free:

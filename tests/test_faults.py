@@ -112,3 +112,48 @@ def test_a_dark_16_bit_image_keeps_its_scale():
     dark = Image.fromarray(np.full((4, 4), 200, np.uint16))          # 200 of 65535: almost black
     bright = Image.fromarray(np.full((4, 4), 51400, np.uint16))
     assert np.asarray(_to_rgb(dark)).max() == 0 and np.asarray(_to_rgb(bright)).min() == 200
+
+
+def test_workers_end_when_their_parent_is_killed(tmp_path):
+    """kill -9 of a process that holds a pool (the grid, or a cache build): its workers do not live on."""
+    import os, signal, subprocess, sys, time
+    script = tmp_path / "parent.py"
+    script.write_text(
+        "import os, sys, time\n"
+        "from concurrent.futures import ProcessPoolExecutor\n"
+        "from sewer_ssl.data import die_with_parent\n"
+        "if __name__ == '__main__':\n"
+        "    with ProcessPoolExecutor(2, initializer=die_with_parent) as pool:\n"
+        "        futs = [pool.submit(time.sleep, 60) for _ in range(2)]\n"
+        "        time.sleep(1)\n"
+        "        print(' '.join(str(p) for p in pool._processes), flush=True)\n"
+        "        time.sleep(60)\n")
+    parent = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    workers = [int(p) for p in parent.stdout.readline().split()]
+    assert len(workers) == 2
+    os.kill(parent.pid, signal.SIGKILL); parent.wait()
+    deadline = time.time() + 10
+    alive = lambda pid: os.path.exists(f"/proc/{pid}") and open(f"/proc/{pid}/stat").read().split()[2] != "Z"
+    while time.time() < deadline and any(alive(p) for p in workers): time.sleep(0.2)
+    assert not any(alive(p) for p in workers), "a worker outlived its killed parent"
+
+
+def test_a_terminated_worker_takes_its_children_along(tmp_path):
+    """SIGTERM to a grid worker also ends what it started (the papermill kernel), instead of orphaning it."""
+    import os, signal, subprocess, sys, time
+    script = tmp_path / "worker.py"
+    script.write_text(
+        "import subprocess, sys, time\n"
+        "from sewer_ssl.data import die_with_parent\n"
+        "die_with_parent()\n"
+        "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])\n"
+        "print(child.pid, flush=True)\n"
+        "time.sleep(60)\n")
+    worker = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    child = int(worker.stdout.readline())
+    worker.send_signal(signal.SIGTERM)
+    assert worker.wait(timeout=10) == 128 + signal.SIGTERM
+    deadline = time.time() + 10
+    alive = lambda pid: os.path.exists(f"/proc/{pid}") and open(f"/proc/{pid}/stat").read().split()[2] != "Z"
+    while time.time() < deadline and alive(child): time.sleep(0.2)
+    assert not alive(child)
