@@ -180,6 +180,8 @@ class ExperimentConfig:
             raise ConfigError(f"sample_frac must be in (0, 1], got {self.sample_frac!r}")
         for name in ("img_size", "epochs", "batch_size", "probe_epochs"):
             _check_positive(name, getattr(self, name))
+        if self.img_size > 1024:  # the uint8 cache alone would take 3 MB per image
+            raise ConfigError(f"img_size must be at most 1024 px (the paper goes up to 512), got {self.img_size}")
         if self.batch_size < 2:  # BatchNorm needs at least two images per batch in training mode
             raise ConfigError(f"batch_size must be at least 2 (BatchNorm normalises over the batch), got {self.batch_size}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:

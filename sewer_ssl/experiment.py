@@ -9,6 +9,7 @@ import builtins
 import copy
 import json
 import shutil
+import tempfile
 import math
 import os
 import time
@@ -32,7 +33,8 @@ from sklearn.metrics import roc_auc_score
 
 # %% auto #0
 __all__ = ['METRIC_COLUMNS', 'MONITOR_IMAGES', 'EVALUATION_ONLY', 'LIDAR_IMAGES', 'LIDAR_VIEWS', 'project_root', 'resolve',
-           'check_run_folder', 'view_embeddings', 'run_experiment', 'summary_table', 'parse_overrides', 'main']
+           'check_settings_fit', 'check_run_folder', 'view_embeddings', 'run_experiment', 'summary_table',
+           'parse_overrides', 'main']
 
 # %% ../nbs/10_experiment.ipynb #5f3752fd
 def project_root(start=None) -> Path:
@@ -65,6 +67,21 @@ def _json_ready(x):
 MONITOR_IMAGES = 512  # validation images scored after every epoch
 # settings a re-run may change without training again: they only change the evaluation, or where and how it runs
 EVALUATION_ONLY = ("test_ps", "probe_epochs", "probe_lr", "num_workers", "device", "out_dir", "compile", "overwrite")
+
+
+def check_settings_fit(cfg: ExperimentConfig) -> None:
+    "What the settings need from the backbone and the disk, checked before anything is decoded or written."
+    from sewer_ssl.backbones import vit_patch_size
+    if cfg.backbone == "vit_tiny" and cfg.img_size % vit_patch_size(cfg.img_size):
+        patch = vit_patch_size(cfg.img_size)
+        raise ConfigError(f"img_size {cfg.img_size} is not a multiple of the ViT's {patch} px patches; choose "
+                          f"{cfg.img_size // patch * patch or patch} or {(cfg.img_size // patch + 1) * patch}")
+    out = resolve(cfg.out_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out): pass
+    except OSError as e:
+        raise ConfigError(f"out_dir {out} is not writable ({e.strerror}); choose a folder you can write to") from None
 
 
 def check_run_folder(run_dir: Path, cfg: ExperimentConfig) -> None:
@@ -126,6 +143,7 @@ def run_experiment(cfg: ExperimentConfig, progress: bool = True, workers: int | 
         raise DataError(f"the training set holds {len(train_df)} image(s) (train_p={cfg.train_p}, sample_frac="
                         f"{cfg.sample_frac}, max_train={cfg.max_train}); a batch needs at least 2")
     # a folder describes one run: settings that do not fit what is there fail here, before any write
+    check_settings_fit(cfg)
     if is_main_process(): check_run_folder(resolve(cfg.run_dir), cfg)
     device = init_distributed(cfg.device)  # under torchrun: join the process group
     main = is_main_process()

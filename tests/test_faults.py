@@ -157,3 +157,21 @@ def test_a_terminated_worker_takes_its_children_along(tmp_path):
     alive = lambda pid: os.path.exists(f"/proc/{pid}") and open(f"/proc/{pid}/stat").read().split()[2] != "Z"
     while time.time() < deadline and alive(child): time.sleep(0.2)
     assert not alive(child)
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(backbone="vit_tiny", img_size=20), "not a multiple of the ViT's 8 px patches; choose 16 or 24"),
+    (dict(out_dir="/proc/not-writable"), "out_dir /proc/not-writable is not writable")])
+def test_settings_that_cannot_work_fail_before_the_cache_is_built(tmp_path, change, message, monkeypatch):
+    import sewer_ssl.experiment as experiment
+    def no_cache(*a, **k): raise AssertionError("the image cache was built before the settings were checked")
+    monkeypatch.setattr(experiment.ImageCache, "for_index", no_cache)
+    cfg = _cfg(tmp_path, **change)
+    with pytest.raises(ConfigError, match=message):
+        run_experiment(cfg, progress=False)
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+
+def test_an_image_size_beyond_reason_is_refused():
+    with pytest.raises(ConfigError, match="at most 1024"):
+        ExperimentConfig(img_size=4096)
