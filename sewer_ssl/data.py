@@ -25,12 +25,16 @@ from sklearn.model_selection import train_test_split
 from .config import CODES, COLUMNS, PROPORTIONS, SPLIT_FILES, ExperimentConfig
 
 # %% auto #0
-__all__ = ['PAPER_SEED', 'DATASET_READERS', 'DataError', 'safe_image_path', 'read_sewer_csv', 'write_demo_folder',
-           'code_combination', 'allocate_proportional', 'stratified_split', 'stratified_sample', 'imbalance_counts',
-           'sample_imbalanced', 'SewerIndex', 'cap_keep_proportion', 'make_splits', 'test_sets', 'describe_splits',
-           'die_with_parent', 'image_stamps', 'ImageCache', 'load_index']
+__all__ = ['PAPER_SEED', 'DATASET_READERS', 'CacheInterrupted', 'DataError', 'safe_image_path', 'read_sewer_csv',
+           'write_demo_folder', 'code_combination', 'allocate_proportional', 'stratified_split', 'stratified_sample',
+           'imbalance_counts', 'sample_imbalanced', 'SewerIndex', 'cap_keep_proportion', 'make_splits', 'test_sets',
+           'describe_splits', 'die_with_parent', 'image_stamps', 'ImageCache', 'load_index']
 
 # %% ../nbs/02_data.ipynb #3b3259c9
+class CacheInterrupted(RuntimeError):
+    "SIGTERM arrived while the image cache was being built; what was decoded is kept."
+
+
 class DataError(ValueError):
     "Bad input data; the message names the file, column or value and the fix."
 
@@ -540,14 +544,28 @@ class ImageCache:
             if ok: self.filled[ok] = 1; self.filled.flush()
             failed.extend(bad); decoded += len(ok); bar.update(len(ok) + len(bad))
 
+        import signal, threading
+        def on_sigterm(signum, frame):
+            raise CacheInterrupted(f"SIGTERM while building the image cache {self.dir}: the {decoded} images decoded "
+                                   "so far are kept; run the same command again to continue")
+        main = threading.current_thread() is threading.main_thread()
+        old = signal.signal(signal.SIGTERM, on_sigterm) if main else None
+        pool = None
         try:
             if workers <= 1:
                 for a in args: record(*_decode_chunk(*a))
             else:
-                with ProcessPoolExecutor(max_workers=workers, initializer=die_with_parent) as pool:
-                    for fut in as_completed([pool.submit(_decode_chunk, *a) for a in args]):
-                        record(*fut.result())
+                pool = ProcessPoolExecutor(max_workers=workers, initializer=die_with_parent)
+                for fut in as_completed([pool.submit(_decode_chunk, *a) for a in args]):
+                    record(*fut.result())
+                pool.shutdown()
+        except BaseException:
+            if pool is not None:   # stop at once: no queued chunk starts, no worker outlives the build
+                pool.shutdown(wait=False, cancel_futures=True)
+                for proc in list(getattr(pool, "_processes", {}).values()): proc.terminate()
+            raise
         finally:
+            if main: signal.signal(signal.SIGTERM, old)
             bar.close()
         if failed:
             shown = "; ".join(f"{n} ({why})" for n, why in failed[:20])

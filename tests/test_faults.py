@@ -175,3 +175,28 @@ def test_settings_that_cannot_work_fail_before_the_cache_is_built(tmp_path, chan
 def test_an_image_size_beyond_reason_is_refused():
     with pytest.raises(ConfigError, match="at most 1024"):
         ExperimentConfig(img_size=4096)
+
+
+def test_sigterm_during_the_cache_build_says_what_is_kept_and_a_rerun_continues(tmp_path):
+    import os, signal, subprocess, sys, time
+    from sewer_ssl.data import write_demo_folder
+    write_demo_folder(tmp_path / "imgs", n=4000, size=64, seed=0, csv_name="labels.csv")
+    script = tmp_path / "build.py"
+    script.write_text(
+        "import sys\n"
+        "from sewer_ssl.config import ExperimentConfig\n"
+        "from sewer_ssl.data import ImageCache, load_index\n"
+        "index = load_index(ExperimentConfig(dataset='folder', data_dir=sys.argv[1]))\n"
+        "cache = ImageCache.for_index(index, 64, cache_dir=sys.argv[2])\n"
+        "print('ready', flush=True)\n"
+        "print(cache.ensure(list(cache.filenames), workers=2, progress=False), flush=True)\n")
+    args = [sys.executable, str(script), str(tmp_path / "imgs"), str(tmp_path / "cache")]
+    p = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert p.stdout.readline().strip() == "ready"
+    time.sleep(0.5)
+    p.send_signal(signal.SIGTERM)
+    out, err = p.communicate(timeout=60)
+    assert p.returncode != 0 and "SIGTERM while building the image cache" in err and "run the same command again" in err
+    again = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0
+    assert 0 < int(again.stdout.split()[-1]) < 4000          # only what the first build had not decoded
