@@ -504,7 +504,10 @@ class ImageCache:
             shutil.rmtree(tmp, ignore_errors=True)
 
     def _check(self) -> None:
-        meta = json.loads((self.dir / "meta.json").read_text())
+        try: meta = json.loads((self.dir / "meta.json").read_text())
+        except (OSError, ValueError):
+            raise DataError(f"image cache {self.dir} has a damaged meta.json; delete that folder and it will be "
+                            "rebuilt (nothing else depends on it)") from None
         sizes = ((self.dir / "images.u8").stat().st_size, (self.dir / "filled.u8").stat().st_size)
         if meta.get("n") != self.shape[0] or meta.get("size") != self.size or sizes != (int(np.prod(self.shape)), self.shape[0]):
             raise DataError(f"image cache {self.dir} does not match its settings (damaged?); delete that "

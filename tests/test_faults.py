@@ -200,3 +200,11 @@ def test_sigterm_during_the_cache_build_says_what_is_kept_and_a_rerun_continues(
     again = subprocess.run(args, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0
     assert 0 < int(again.stdout.split()[-1]) < 4000          # only what the first build had not decoded
+
+
+def test_a_damaged_cache_is_named_with_the_fix(tmp_path):
+    from sewer_ssl.data import DataError, ImageCache
+    cache = ImageCache(tmp_path, ["a.png"], 8, cache_dir=tmp_path / "cache")
+    (cache.dir / "meta.json").write_text("{trunc")
+    with pytest.raises(DataError, match=r"damaged meta.json; delete that folder"):
+        ImageCache(tmp_path, ["a.png"], 8, cache_dir=tmp_path / "cache")
