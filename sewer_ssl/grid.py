@@ -407,6 +407,7 @@ def _taken_meanwhile(cell: Cell) -> str | None:
 
 
 def _run_local(todo, notebook, workers, gpus, finish, log, recheck: bool = True):
+    from sewer_ssl.data import die_with_parent   # imported on use, as prepare_data does
     ctx = get_context("spawn")
     # workers (and the kernels they start) end with this process, even after kill -9: no orphan holds a cell
     with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=die_with_parent) as pool:

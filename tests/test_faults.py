@@ -193,7 +193,9 @@ def test_sigterm_during_the_cache_build_says_what_is_kept_and_a_rerun_continues(
     args = [sys.executable, str(script), str(tmp_path / "imgs"), str(tmp_path / "cache")]
     p = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     assert p.stdout.readline().strip() == "ready"
-    time.sleep(0.5)
+    deadline = time.time() + 60   # signal once decoding has begun (the handler is in place by then)
+    while time.time() < deadline and not any(f.read_bytes().count(1) for f in (tmp_path / "cache").glob("*/filled.u8")):
+        time.sleep(0.05)
     p.send_signal(signal.SIGTERM)
     out, err = p.communicate(timeout=60)
     assert p.returncode != 0 and "SIGTERM while building the image cache" in err and "run the same command again" in err
