@@ -13,7 +13,8 @@ def reqs(key):
 
 
 extras = {"dev": reqs("dev_requirements"), "elpv": reqs("elpv_requirements"),
-          "benchmark": reqs("benchmark_requirements"), "slurm": reqs("slurm_requirements")}
+          "benchmark": reqs("benchmark_requirements"), "slurm": reqs("slurm_requirements"),
+          "export": reqs("export_requirements")}
 extras["all"] = sorted({r for v in extras.values() for r in v})
 
 setuptools.setup(

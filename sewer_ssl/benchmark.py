@@ -29,7 +29,8 @@ from .backbones import create_backbone
 from .config import BACKBONE_ONLY, BACKBONES, METHODS, NORM_MEAN, NORM_STD, ConfigError, ExperimentConfig
 from .losses import barlow_twins_loss, byol_loss, dino_loss, mae_loss, nt_xent_loss, patchify
 from .methods import METHOD_REGISTRY, build_method
-from .train import (atomic_write, build_optimizer, memory_format_for, method_parameters,
+from .files import atomic_write
+from .train import (build_optimizer, memory_format_for, method_parameters,
                              optimisation_step, pick_device)
 
 # %% auto #0

@@ -11,8 +11,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 # %% auto #0
-__all__ = ['CODES', 'CODE_NAMES', 'CIW', 'COLUMNS', 'SPLIT_FILES', 'PROPORTIONS', 'NORM_MEAN', 'NORM_STD', 'METHOD_DEFAULTS',
-           'METHODS', 'BACKBONES', 'DATASETS', 'BACKBONE_ONLY', 'MethodDefaults', 'ConfigError', 'ExperimentConfig']
+__all__ = ['CODES', 'CODE_NAMES', 'CIW', 'COLUMNS', 'SPLIT_FILES', 'PROPORTIONS', 'EVALUATION_ONLY', 'NORM_MEAN', 'NORM_STD',
+           'METHOD_DEFAULTS', 'METHODS', 'BACKBONES', 'DATASETS', 'BACKBONE_ONLY', 'MethodDefaults', 'ConfigError',
+           'ExperimentConfig']
 
 # %% ../nbs/00_config.ipynb #ed48a481
 CODES = ("RB", "OB", "PF", "DE", "FS", "IS", "RO", "IN", "AF", "BE", "FO", "GR", "PH", "PB", "OS", "OP", "OK")
@@ -34,6 +35,9 @@ COLUMNS = ("Filename", "WaterLevel", "VA", *CODES, "ND", "Defect")
 SPLIT_FILES = {"train": "SewerML_Train.csv", "val": "SewerML_Val.csv", "test": "SewerML_Test.csv"}
 # the five defect proportions of the paper's train x test grid
 PROPORTIONS = (0.45, 0.15, 0.05, 0.02, 0.01)
+# settings a re-run may change without training again: they only change the evaluation, or where and how it runs
+EVALUATION_ONLY = ("test_ps", "probe_epochs", "probe_lr", "target_recall", "num_workers", "device", "out_dir",
+                   "compile", "overwrite")
 # channel statistics the authors used to normalise Sewer-ML images
 NORM_MEAN = (0.523, 0.453, 0.345)
 NORM_STD = (0.210, 0.199, 0.154)
@@ -151,6 +155,7 @@ class ExperimentConfig:
     data_kwargs: dict = field(default_factory=dict)    # dataset-specific options (e.g. synthetic size)
     probe_epochs: int = 300            # full-batch epochs of the offline linear probe
     probe_lr: float = 1e-2
+    target_recall: float = 0.9         # the 'recall' operating point: a missed defect costs more than a look
     seed: int = 42
     num_workers: int = 0               # DataLoader processes reading the uint8 cache
     compile: bool = False              # torch.compile the method (GPU runs; first steps are slow)
@@ -201,6 +206,10 @@ class ExperimentConfig:
         if self.optimizer is not None: _check_choice("optimizer", self.optimizer, ("lars", "adamw"))
         if not 0 < self.min_scale <= 1: raise ConfigError(f"min_scale must be in (0, 1], got {self.min_scale!r}")
         if not 0 <= self.t_val < 1: raise ConfigError(f"t_val must be in [0, 1), got {self.t_val!r}")
+        if isinstance(self.target_recall, bool) or not isinstance(self.target_recall, (int, float)) \
+                or not 0 < self.target_recall <= 1:
+            raise ConfigError(f"target_recall must be a number in (0, 1], e.g. 0.9; got {self.target_recall!r}")
+
         unknown = set(self.method_kwargs) - set(METHOD_DEFAULTS[self.method].extra)
         if unknown:
             raise ConfigError(f"method_kwargs {sorted(unknown)} are not settings of {self.method!r}; "

@@ -19,7 +19,7 @@ from torch import nn
 
 from .augment import eval_transform
 from .evaluate import KNN_K, LinearProbe, extract_features, knn_scores, model_fingerprint
-from .train import atomic_write
+from .files import atomic_write
 
 # %% auto #0
 __all__ = ['STATISTIC_NAMES', 'CONTROLS', 'image_statistics', 'StatisticsBaseline', 'has_batchnorm', 'recalibrate_batchnorm',

@@ -11,7 +11,6 @@ import json
 import os
 import re
 import shutil
-import uuid
 import warnings
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
@@ -23,16 +22,18 @@ from PIL import Image
 from sklearn.model_selection import train_test_split
 
 from .config import CODES, COLUMNS, PROPORTIONS, SPLIT_FILES, ExperimentConfig
+from .files import atomic_write, sweep_temporaries, temporary_sibling
 
 # %% auto #0
 __all__ = ['PAPER_SEED', 'DATASET_READERS', 'CacheInterrupted', 'DataError', 'safe_image_path', 'read_sewer_csv',
            'write_demo_folder', 'code_combination', 'allocate_proportional', 'stratified_split', 'stratified_sample',
            'imbalance_counts', 'sample_imbalanced', 'SewerIndex', 'cap_keep_proportion', 'make_splits', 'test_sets',
-           'describe_splits', 'die_with_parent', 'image_stamps', 'ImageCache', 'load_index']
+           'describe_splits', 'decode_image', 'die_with_parent', 'image_stamps', 'ImageCache', 'load_index']
 
 # %% ../nbs/02_data.ipynb #3b3259c9
 class CacheInterrupted(RuntimeError):
-    "SIGTERM arrived while the image cache was being built; what was decoded is kept."
+    "SIGTERM or Ctrl-C arrived while the image cache was being built; what was decoded is kept."
+
 
 
 class DataError(ValueError):
@@ -196,11 +197,7 @@ def _demo_code_probs():
 
 def _atomic_csv(df: pd.DataFrame, path) -> None:
     "Write a CSV through a temporary file and a rename, so readers never see half a file."
-    path = Path(path); tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        df.to_csv(tmp, index=False); os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic_write(path, lambda t: df.to_csv(t, index=False))
 
 # %% ../nbs/02_data.ipynb #9d9683ee
 def code_combination(df: pd.DataFrame) -> pd.Series:
@@ -334,7 +331,10 @@ def cap_keep_proportion(df: pd.DataFrame, n: int, seed: int = 42) -> pd.DataFram
 
 def make_splits(index: SewerIndex, cfg: ExperimentConfig) -> dict:
     "The `train` set at `cfg.train_p`, and disjoint `val` and `test` pools from the Val CSV."
-    train = sample_imbalanced(stratified_sample(index.train, cfg.sample_frac, PAPER_SEED), cfg.train_p, cfg.seed)
+    try: train = sample_imbalanced(stratified_sample(index.train, cfg.sample_frac, PAPER_SEED), cfg.train_p, cfg.seed)
+    except DataError as e:   # name the setting the user gave
+        raise DataError(f"train_p: the training CSV cannot supply it: {e}".replace(" larger p", " larger train_p")
+                        .replace(" smaller p", " smaller train_p")) from None
     if cfg.max_train is not None: train = cap_keep_proportion(train, cfg.max_train, cfg.seed)
     val, test = stratified_split(stratified_sample(index.val, cfg.sample_frac, PAPER_SEED), 0.5, PAPER_SEED)
     return {"train": train, "val": val, "test": test}
@@ -342,7 +342,19 @@ def make_splits(index: SewerIndex, cfg: ExperimentConfig) -> dict:
 
 def test_sets(test_pool: pd.DataFrame, test_ps=PROPORTIONS, seed: int = PAPER_SEED) -> dict:
     "One test set per defect proportion, each drawn from the whole test pool."
-    return {float(p): sample_imbalanced(test_pool, p, seed) for p in test_ps}
+    out = {}
+    for p in test_ps:
+        try: out[float(p)] = sample_imbalanced(test_pool, p, seed)
+        except DataError:
+            n_def = int(test_pool["Defect"].sum()); n_norm = len(test_pool) - n_def
+            if not (isinstance(p, (int, float)) and 0 < p < 1): raise
+            raise DataError(
+                f"test_ps holds {p:g}, which the test pool cannot supply: it has {n_norm} normal and {n_def} defect "
+                f"images (half of the validation CSV, after sample_frac), and a test set at p={p:g} needs at least "
+                f"{_min_count(p / (1 - p))} normal and {_min_count((1 - p) / p)} defect images. Drop {p:g} from test_ps, "
+                "raise sample_frac, or use a dataset with more validation images (train_p plays no part)") from None
+    return out
+
 
 
 test_sets.__test__ = False    # a library function whose name pytest would otherwise collect
@@ -375,7 +387,7 @@ def _to_rgb(im: Image.Image) -> Image.Image:
     return im if im.mode == "RGB" else im.convert("RGB")
 
 
-def _decode_image(path, size: int) -> np.ndarray:
+def decode_image(path, size: int) -> np.ndarray:
     "One image file as a (size, size, 3) uint8 array: decoded fully, RGB, bicubic resize."
     with Image.open(path) as im:
         im.load()                                  # truncated files fail here, not later
@@ -392,7 +404,7 @@ def _decode_chunk(images_path: str, shape: tuple, image_dir: str, names: list, r
     with open(images_path, "r+b") as f:
         for name, row in zip(names, rows):
             try:
-                pixels = _decode_image(safe_image_path(image_dir, name), size)
+                pixels = decode_image(safe_image_path(image_dir, name), size)
             except Exception as e:                 # any unreadable file: record it, go on
                 failed.append((name, f"{type(e).__name__}: {e}")); continue
             f.seek(int(row) * row_bytes); f.write(pixels.tobytes())
@@ -465,7 +477,10 @@ class ImageCache:
         label = re.sub(r"[^A-Za-z0-9_.-]", "_", self.image_dir.name)[:40] or "images"
         self.dir = Path(cache_dir) / f"{label}-{self.size}px-{key}"
         self.shape = (len(names), self.size, self.size, 3)
-        if not (self.dir / "meta.json").is_file(): self._create(key)
+        if not (self.dir / "meta.json").is_file():
+            sweep_temporaries(self.dir.parent)   # half-created caches of killed runs
+            self._create(key)
+
         self._check()
         self._open()
 
@@ -488,7 +503,7 @@ class ImageCache:
     def _create(self, key: str) -> None:
         "Build the cache folder under a temporary name and rename it into place (atomic)."
         self.dir.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.dir.with_name(f".{self.dir.name}.{uuid.uuid4().hex}.tmp")
+        tmp = temporary_sibling(self.dir)
         tmp.mkdir()
         try:
             with open(tmp / "images.u8", "wb") as f: f.truncate(int(np.prod(self.shape)))   # sparse
@@ -562,10 +577,15 @@ class ImageCache:
                 for fut in as_completed([pool.submit(_decode_chunk, *a) for a in args]):
                     record(*fut.result())
                 pool.shutdown()
-        except BaseException:
+        except BaseException as e:
             if pool is not None:   # stop at once: no queued chunk starts, no worker outlives the build
+                procs = list((getattr(pool, "_processes", None) or {}).values())   # shutdown forgets them
                 pool.shutdown(wait=False, cancel_futures=True)
-                for proc in list(getattr(pool, "_processes", {}).values()): proc.terminate()
+                for proc in procs: proc.terminate()
+
+            if isinstance(e, KeyboardInterrupt):
+                raise CacheInterrupted(f"Ctrl-C while building the image cache {self.dir}: the {decoded} images "
+                                       "decoded so far are kept; run the same command again to continue") from None
             raise
         finally:
             if main: signal.signal(signal.SIGTERM, old)
@@ -666,7 +686,7 @@ def _write_elpv(root: Path) -> None:
         raise DataError("dataset='elpv' needs the package elpv-dataset: pip install elpv-dataset "
                         "(or pip install 'sewer-ssl[elpv]')") from None
     images, probs, types = load_dataset()
-    tmp = root.with_name(f".{root.name}.{uuid.uuid4().hex}.tmp")
+    tmp = temporary_sibling(root)
     (tmp / "images").mkdir(parents=True)
     try:
         names = [f"cell{i + 1:04d}.png" for i in range(len(images))]   # the package's own file names

@@ -13,13 +13,12 @@ import posixpath
 import re
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import nbformat
 
-from .grid import project_root
+from .files import atomic_write_text, project_root, temporary_sibling
 
 # %% auto #0
 __all__ = ['README_NOTE', 'DOCS_MARKER', 'nbs_dir', 'notebook_paths', 'notebook_info', 'cell_directives', 'strip_directives',
@@ -138,22 +137,10 @@ def render_readme(index_nb=None, root=None) -> str:
     return "\n\n".join(parts) + "\n"
 
 
-def _atomic_write(path: Path, text: str) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f: f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp): os.remove(tmp)
-        raise
-    return path
-
-
 def write_readme(index_nb=None, readme=None, root=None) -> Path:
     "Write README.md (default: at the project root) from the home-page notebook; returns its path."
     root = Path(root).resolve() if root else project_root()
-    return _atomic_write(Path(readme) if readme else root / "README.md", render_readme(index_nb, root))
+    return atomic_write_text(Path(readme) if readme else root / "README.md", render_readme(index_nb, root))
 
 # %% ../nbs/15_docs.ipynb #86e5d0b9
 def _trusted_html(element) -> str:
@@ -310,9 +297,8 @@ def build_docs(out="_docs", execute: bool = False, nbs=None, notebooks=None, fla
     entries = [dict(path=p, page=pages[p], group=_group(p, nbs), **notebook_info(p)) for p in all_paths]
     for e in entries: e["title"] = e["title"] or e["path"].stem
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))   # same file system: the swap is a rename
-    umask = os.umask(0); os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)                                           # mkdtemp's 0700 is for secrets
+    tmp = temporary_sibling(out)   # same file system: the swap is a rename
+    tmp.mkdir()
     failed = {}
     try:
         for i, e in enumerate(entries):

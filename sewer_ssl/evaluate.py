@@ -20,11 +20,12 @@ from .augment import eval_transform
 from .config import CODES
 from .data import DataError
 from .metrics import (binary_metrics, f2_ciw, f2_ciw_binary, f2_ciw_cap, per_code_recall, trivial_baselines)
-from .train import atomic_write
+from .files import atomic_write
 
 # %% auto #0
-__all__ = ['KNN_K', 'extract_features', 'model_fingerprint', 'extract_splits', 'LinearProbe', 'f1_optimal_threshold',
-           'val_thresholds', 'knn_scores', 'scores_at_proportions']
+__all__ = ['OPERATING_POINTS', 'KNN_K', 'extract_features', 'model_fingerprint', 'extract_splits', 'LinearProbe',
+           'f1_optimal_threshold', 'val_thresholds', 'operating_points', 'precision_recall_at', 'knn_scores',
+           'scores_at_proportions']
 
 # %% ../nbs/09_evaluate.ipynb #50c2e019
 @torch.no_grad()
@@ -136,6 +137,29 @@ class LinearProbe:
 
     def predict(self, feats) -> np.ndarray: return (self.logits(feats) > 0).astype(int)
 
+    def probability(self, feats) -> np.ndarray:
+        "The defect probability, sigmoid of the logit (what the operating points threshold)."
+        return 1 / (1 + np.exp(-self.logits(feats).astype(np.float64)))
+
+    def state(self) -> dict:
+        "The fitted probe as plain arrays (standardisation, weight, bias): what a run folder stores."
+        return {"probe_mean": self.mean.numpy(), "probe_std": self.std.numpy(),
+                "probe_weight": self.linear.weight.detach().numpy()[0], "probe_bias": self.linear.bias.detach().numpy(),
+                "probe_pos_weight": np.float32(self.pos_weight)}
+
+    @classmethod
+    def from_state(cls, state) -> "LinearProbe":
+        "The probe `state()` describes, ready to score (not to refit)."
+        probe = cls()
+        probe.mean, probe.std = torch.as_tensor(state["probe_mean"]), torch.as_tensor(state["probe_std"])
+        w = torch.as_tensor(np.asarray(state["probe_weight"], np.float32))
+        probe.linear = torch.nn.Linear(w.shape[0], 1)
+        with torch.no_grad():
+            probe.linear.weight.copy_(w[None]); probe.linear.bias.copy_(torch.as_tensor(state["probe_bias"]))
+        probe.pos_weight = float(state["probe_pos_weight"])
+        return probe
+
+
 # %% ../nbs/09_evaluate.ipynb #996b9338
 def f1_optimal_threshold(y_true, scores) -> float:
     "The threshold `t` maximising the F1 of the rule 'defect when score >= t' on (`y_true`, `scores`)."
@@ -166,6 +190,40 @@ def val_thresholds(val_table: pd.DataFrame, val_scores, test_ps, seed: int = 42,
             sub = table
         out[float(p)] = f1_optimal_threshold(sub["Defect"], sub["_score"])
     return out
+
+# %% ../nbs/09_evaluate.ipynb #888f128e
+OPERATING_POINTS = ("recall", "f1", "f2", "paper")
+
+
+def _best_fbeta_threshold(y, prob, beta: float) -> float:
+    precision, recall, thresholds = precision_recall_curve(y, prob)
+    p, r = precision[:-1], recall[:-1]
+    b2 = beta * beta
+    f = np.where(p + r > 0, (1 + b2) * p * r / np.maximum(b2 * p + r, 1e-300), 0.0)
+    return float(thresholds[np.argmax(f)])
+
+
+def operating_points(y_val, prob_val, target_recall: float = 0.9) -> dict:
+    """Thresholds on the defect probability, chosen on validation labels only (see the table above):
+    name -> threshold, for each of `OPERATING_POINTS`. Decide "defect" when probability >= threshold."""
+    y, prob = np.asarray(y_val).astype(int), np.asarray(prob_val, np.float64)
+    if len(y) != len(prob): raise ValueError(f"{len(prob)} probabilities for {len(y)} labels; they must align")
+    if not 0 < y.sum() < len(y):
+        raise ValueError(f"choosing operating points needs both classes; got {int(y.sum())} defect(s) in {len(y)} images")
+    if not 0 < target_recall <= 1: raise ValueError(f"target_recall must be in (0, 1], got {target_recall!r}")
+    defect_probs = np.sort(prob[y == 1])[::-1]
+    # the k-th highest defect probability flags k defects: the smallest k reaching the target recall
+    k = int(np.ceil(target_recall * len(defect_probs) - 1e-9))
+    return {"recall": float(defect_probs[max(k, 1) - 1]), "f1": _best_fbeta_threshold(y, prob, 1.0),
+            "f2": _best_fbeta_threshold(y, prob, 2.0), "paper": 0.5}
+
+
+def precision_recall_at(y_true, prob, threshold: float) -> dict:
+    "Precision, recall and the number of flagged images of the rule probability >= `threshold`."
+    y, flag = np.asarray(y_true).astype(int), np.asarray(prob, np.float64) >= threshold
+    tp = int((flag & (y == 1)).sum())
+    return {"precision": tp / flag.sum() if flag.any() else float("nan"),
+            "recall": tp / max(int(y.sum()), 1), "flagged": int(flag.sum()), "defects": int(y.sum())}
 
 # %% ../nbs/09_evaluate.ipynb #630efc16
 KNN_K = 5

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import builtins
 import copy
+import dataclasses
 import json
 import shutil
 import tempfile
@@ -20,31 +21,25 @@ import pandas as pd
 import torch
 
 from .augment import CachedImages, device_views_for
-from .config import ConfigError, ExperimentConfig
-from .data import PAPER_SEED, DataError, ImageCache, describe_splits, load_index, make_splits, test_sets
-from .evaluate import (KNN_K, LinearProbe, extract_splits, knn_scores, scores_at_proportions,
-                                val_thresholds)
+from .config import EVALUATION_ONLY, ConfigError, ExperimentConfig
+from .data import PAPER_SEED, CacheInterrupted, DataError, ImageCache, describe_splits, load_index, make_splits, test_sets
+from .evaluate import (KNN_K, LinearProbe, extract_splits, knn_scores, operating_points, precision_recall_at,
+                                scores_at_proportions, val_thresholds)
 from .controls import control_scores
 from .metrics import alpha_exponent, lidar, rankme
 from .methods import build_method
 from .distributed import barrier, init_distributed, is_main_process
-from .train import atomic_write, atomic_write_text, train
+from .files import atomic_write, atomic_write_text, project_root, read_json, sweep_temporaries
+from .train import TrainingInterrupted, train
+
 from sklearn.metrics import roc_auc_score
 
 # %% auto #0
-__all__ = ['METRIC_COLUMNS', 'MONITOR_IMAGES', 'EVALUATION_ONLY', 'LIDAR_IMAGES', 'LIDAR_VIEWS', 'project_root', 'resolve',
+__all__ = ['METRIC_COLUMNS', 'MONITOR_IMAGES', 'DETECTOR_FILE', 'LIDAR_IMAGES', 'LIDAR_VIEWS', 'CONFIG_FIELDS', 'resolve',
            'check_settings_fit', 'check_run_folder', 'view_embeddings', 'run_experiment', 'summary_table',
-           'parse_overrides', 'main']
+           'typed_setting', 'config_from', 'parse_overrides', 'main']
 
 # %% ../nbs/10_experiment.ipynb #5f3752fd
-def project_root(start=None) -> Path:
-    "The nearest folder at or above `start` (default: the working directory) holding settings.ini."
-    here = Path(start or os.getcwd()).resolve()
-    for folder in (here, *here.parents):
-        if (folder / "settings.ini").is_file() and (folder / "nbs").is_dir(): return folder
-    return here
-
-
 def resolve(path) -> Path:
     "An absolute path: relative ones are taken from the project root."
     path = Path(path).expanduser()
@@ -65,8 +60,7 @@ def _json_ready(x):
 
 
 MONITOR_IMAGES = 512  # validation images scored after every epoch
-# settings a re-run may change without training again: they only change the evaluation, or where and how it runs
-EVALUATION_ONLY = ("test_ps", "probe_epochs", "probe_lr", "num_workers", "device", "out_dir", "compile", "overwrite")
+DETECTOR_FILE = "detector.npz"   # the probe, its operating points and reference scores (chapter 17)
 
 
 def check_settings_fit(cfg: ExperimentConfig) -> None:
@@ -162,7 +156,9 @@ def run_experiment(cfg: ExperimentConfig, progress: bool = True, workers: int | 
     run_dir = resolve(cfg.run_dir)
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
+        sweep_temporaries(run_dir)   # e.g. the half-written checkpoint of a run killed mid-save
         atomic_write_text(run_dir / "config.json", cfg.to_json())
+
     # -- training ------------------------------------------------------------------------------
     # the loader moves uint8 images; the views are made in batches on the training device
     dataset = CachedImages(cache.images, cache.rows(train_df.Filename), train_df.Defect.to_numpy())
@@ -179,7 +175,7 @@ def run_experiment(cfg: ExperimentConfig, progress: bool = True, workers: int | 
     start, total = history.attrs.get("start_step", 0), history.attrs.get("total_steps", 0)
     action = "re-evaluated" if total and start >= total else f"resumed at step {start}" if start else "trained"
     if action == "re-evaluated":  # keep the training time the run recorded when it trained
-        previous = _read_summary(run_dir / "metrics.json")
+        previous = read_json(run_dir / "metrics.json") or {}
         if previous.get("train_seconds") is not None: train_seconds = previous["train_seconds"]
     if not main:  # rank 0 evaluates and writes; the other processes are done
         return {"run_dir": run_dir, "metrics": None, "history": history, "splits": splits, "summary": None}
@@ -204,6 +200,22 @@ def run_experiment(cfg: ExperimentConfig, progress: bool = True, workers: int | 
     # label-free: kNN distance to the training embeddings, and the shape of the feature spectrum
     knn = knn_scores(feats["train"], feats["test"], k=min(KNN_K, len(train_df)), device=device)
     knn_of = {name: knn for name in classifiers}
+    # the detector new images are scored with (chapter 17): the probe, operating points chosen on the
+    # validation pool only (never on test labels), and the validation scores a new score is ranked among
+    val_prob = probe.probability(feats["val"])
+    points = operating_points(val_pool.Defect.to_numpy(), val_prob, cfg.target_recall)
+    val_knn = knn_scores(feats["train"], feats["val"], k=min(KNN_K, len(train_df)), device=device)
+    detector = {**probe.state(), "train_features": feats["train"].astype(np.float32),
+                "val_probability": np.sort(val_prob).astype(np.float32), "val_knn": np.sort(val_knn).astype(np.float32),
+                "knn_k": np.int64(min(KNN_K, len(train_df))), "img_size": np.int64(cfg.img_size),
+                **{f"threshold__{name}": np.float64(t) for name, t in points.items()}}
+    def write_detector(tmp):
+        with open(tmp, "wb") as fh: np.savez(fh, **detector)
+    atomic_write(run_dir / DETECTOR_FILE, write_detector)
+    test_prob = probe.probability(feats["test"])
+    point_rows = [dict(test_p=p, point=name, threshold=t,
+                       **precision_recall_at(ts.Defect, test_prob[test_pool.index.get_indexer(ts.index)], t))
+                  for p, ts in test_sets(test_pool, cfg.test_ps, PAPER_SEED).items() for name, t in points.items()]
     # the controls (chapter 09a), on the same training set and test images, cached across runs
     controls = control_scores(initial_backbone, cache.images, rows, names, train_df.Defect.to_numpy(),
                               architecture=f"{cfg.backbone}:{type(method).backbone_kwargs(cfg.method_settings)}",
@@ -247,15 +259,12 @@ def run_experiment(cfg: ExperimentConfig, progress: bool = True, workers: int | 
         "final_loss": float(history.loss.iloc[-5:].mean()) if len(history) else None,
         "train_seconds": round(train_seconds, 2), "total_seconds": round(time.perf_counter() - t_start, 2),
         "device": str(device), "val_auroc": val_auroc, **label_free, **_last_epoch(history), "rows": metrics.to_dict("records"),
+        "operating_points": {"chosen_on": "validation pool", "target_recall": cfg.target_recall, "thresholds": points,
+                             "rows": point_rows},
     }
     summary = _json_ready(summary)
     atomic_write_text(run_dir / "metrics.json", json.dumps(summary, indent=2, allow_nan=False))
     return {"run_dir": run_dir, "metrics": metrics, "history": history, "splits": splits, "summary": summary}
-
-
-def _read_summary(path) -> dict:
-    try: return json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, ValueError): return {}
 
 
 def _last_epoch(history: pd.DataFrame) -> dict:
@@ -275,15 +284,41 @@ def summary_table(metrics: pd.DataFrame) -> pd.DataFrame:
     return metrics[cols].round(3)
 
 # %% ../nbs/10_experiment.ipynb #e82aaafc
+_SPELLINGS = {"None": None, "null": None, "True": True, "true": True, "False": False, "false": False}
+
+
+def typed_setting(name: str, value):
+    """A setting as the user typed it (`key=value` on the command line, `-p key value` in papermill) in its
+    type: text fields keep their text, anything else is read as JSON (`[0.45, 0.01]`, `{"size": 48}`, `3`)
+    or a Python spelling of None/True/False; what does not parse is left for validation to name."""
+    if not isinstance(value, str): return value
+    field = CONFIG_FIELDS.get(name)
+    if field is not None and str(field.type).replace(" ", "") in ("str", "str|None"):
+        return None if value in ("None", "null") and "None" in str(field.type) else value
+    if value in _SPELLINGS: return _SPELLINGS[value]
+    try: return json.loads(value)
+    except json.JSONDecodeError: return value
+
+
+CONFIG_FIELDS = {f.name: f for f in dataclasses.fields(ExperimentConfig)}
+
+
+def config_from(values: dict) -> ExperimentConfig:
+    "The ExperimentConfig of user-typed `values`; an unknown name is refused with the known ones."
+    unknown = sorted(set(values) - set(CONFIG_FIELDS))
+    if unknown:
+        raise ConfigError(f"unknown setting(s) {unknown}; ExperimentConfig knows: {', '.join(CONFIG_FIELDS)}")
+    return ExperimentConfig(**{k: typed_setting(k, v) for k, v in values.items()})
+
+
 def parse_overrides(pairs) -> dict:
-    "`['epochs=3', 'method=dino']` -> `{'epochs': 3, 'method': 'dino'}` (JSON values where they parse)."
+    "`['epochs=3', 'method=dino']` -> `{'epochs': 3, 'method': 'dino'}` (typed as `typed_setting` reads them)."
     out = {}
     for pair in pairs:
         if "=" not in pair:
             raise SystemExit(f"expected key=value, got {pair!r} (e.g. method=dino epochs=45)")
         key, value = pair.split("=", 1)
-        try: out[key.strip()] = json.loads(value)
-        except json.JSONDecodeError: out[key.strip()] = value
+        out[key.strip()] = typed_setting(key.strip(), value)
     return out
 
 
@@ -296,8 +331,11 @@ def main(argv=None) -> dict:
     parser.add_argument("settings", nargs="*", help="key=value pairs, e.g. method=dino epochs=45")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
-    cfg = ExperimentConfig(**parse_overrides(args.settings))
-    res = run_experiment(cfg, progress=not args.quiet)
+    cfg = config_from(parse_overrides(args.settings))
+    try: res = run_experiment(cfg, progress=not args.quiet)
+    except (TrainingInterrupted, CacheInterrupted, KeyboardInterrupt) as e:   # a clear line, no traceback
+        print(f"stopped: {e or 'Ctrl-C'}", file=sys.stderr)
+        sys.exit(143 if "SIGTERM" in str(e) else 130)
     if res["metrics"] is not None:
         print(f"run folder: {res['run_dir']}")
         print(summary_table(res["metrics"]).to_string(index=False))

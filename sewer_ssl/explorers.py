@@ -164,8 +164,8 @@ def code_examples(codes=("normal", *CODES), size: int = 64, seed: int = 0, diffi
 
 
 def _read_rgb(path, size: int | None = None) -> np.ndarray:
-    from sewer_ssl.data import _decode_image, _to_rgb
-    if size is not None: return _decode_image(path, size)
+    from sewer_ssl.data import decode_image, _to_rgb
+    if size is not None: return decode_image(path, size)
     with Image.open(path) as im:
         im.load()
         return np.asarray(_to_rgb(im), dtype=np.uint8)

@@ -5,8 +5,6 @@
 # %% ../nbs/12_figures.ipynb #750edbac
 from __future__ import annotations
 
-import os
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -18,6 +16,7 @@ from matplotlib.patches import Rectangle
 from scipy.stats import spearmanr
 
 from .config import BACKBONES, METHODS
+from .files import atomic_write
 
 # %% auto #0
 __all__ = ['METRIC_LABELS', 'METHOD_LABELS', 'BACKBONE_LABELS', 'RANKME_COLUMNS', 'PAPER_AUGMENTATION', 'available', 'finished',
@@ -81,13 +80,7 @@ def at_test_p(df: pd.DataFrame, test_p="train") -> pd.DataFrame:
 def save_figure(fig: Figure, path, dpi: int = 110) -> Path:
     "Write `fig` as PNG atomically (temporary file in the same folder, then rename)."
     path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"); os.close(fd)
-    try:
-        fig.savefig(tmp, format="png", dpi=dpi, bbox_inches="tight"); os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp): os.remove(tmp)
-        raise
-    return path
+    return atomic_write(path, lambda t: fig.savefig(t, format="png", dpi=dpi, bbox_inches="tight"))
 
 # %% ../nbs/12_figures.ipynb #a19ceb1a
 def heatmap_table(df: pd.DataFrame, metric: str = "f1", backbone: str | None = None,
@@ -295,11 +288,7 @@ def plot_variance(table: pd.DataFrame) -> Figure:
 # %% ../nbs/12_figures.ipynb #6fe21b91
 def _write_csv(table: pd.DataFrame, path) -> Path:
     path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"); os.close(fd)
-    try: table.to_csv(tmp, index=False); os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp): os.remove(tmp)
-        raise
+    atomic_write(path, lambda t: table.to_csv(t, index=False))
     return path
 
 

@@ -16,6 +16,9 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
+import uuid
+
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
@@ -25,45 +28,19 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from .files import atomic_write_text, process_alive, project_root, read_json, sweep_temporaries
 from .config import BACKBONE_ONLY, BACKBONES, METHODS, PROPORTIONS, ConfigError, ExperimentConfig
 
 # %% auto #0
 __all__ = ['AUG_MIN_SCALES', 'AUG_T_VALS', 'RESOLUTIONS', 'NO_AUGMENTATION', 'PAPER_BUDGET', 'STUDY_BUDGET', 'STUDY_EPOCHS',
-           'STUDY_SEEDS', 'NOTEBOOK_PARAMETERS', 'GRIDS', 'ID_COLUMNS', 'GridError', 'project_root', 'GridSpec',
-           'grid_coordinates', 'Cell', 'build_cells', 'config_differences', 'cell_state', 'default_notebook',
-           'run_cell', 'prepare_data', 'visible_gpus', 'worker_env', 'write_grid_status', 'run_grid', 'run_rows',
-           'results_table', 'write_results_table', 'build_parser', 'main']
+           'STUDY_SEEDS', 'NOTEBOOK_PARAMETERS', 'GRIDS', 'HEARTBEAT_S', 'STALE_AFTER_S', 'ID_COLUMNS', 'GridError',
+           'GridSpec', 'grid_coordinates', 'Cell', 'build_cells', 'config_differences', 'cell_state',
+           'default_notebook', 'run_cell', 'prepare_data', 'visible_gpus', 'worker_env', 'write_grid_status',
+           'run_grid', 'run_rows', 'results_table', 'write_results_table', 'build_parser', 'main']
 
 # %% ../nbs/11_grid.ipynb #3a95e96f
 class GridError(ValueError):
     "A grid request cannot be served; the message names the problem and the fix."
-
-
-def project_root(start=None) -> Path:
-    "The nearest folder at or above `start` (default: the working directory) holding settings.ini and nbs/."
-    here = Path(start or os.getcwd()).resolve()
-    for folder in (here, *here.parents):
-        if (folder / "settings.ini").is_file() and (folder / "nbs").is_dir(): return folder
-    return here
-
-
-def _atomic_text(path, text: str) -> Path:
-    "Write `text` to `path` through a temporary file in the same folder and a rename."
-    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f: f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp): os.remove(tmp)
-        raise
-    return path
-
-
-def _read_json(path):
-    "The parsed JSON file, or None when it is missing or half-written."
-    try: return json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, ValueError): return None
 
 # %% ../nbs/11_grid.ipynb #0c2e95d0
 AUG_MIN_SCALES = (0.08, 0.185, 0.29, 0.395, 0.5)   # the paper's Figure 3 rows
@@ -247,6 +224,9 @@ def build_cells(grid: str | GridSpec, *, outputs="outputs", out_dir=None, datase
 
 # %% ../nbs/11_grid.ipynb #9bde6553
 _IGNORED_IN_COMPARISON = ("out_dir", "device", "num_workers", "overwrite")   # where and how, not what, a run computed
+HEARTBEAT_S = 60        # a running cell touches its cell_status.json this often ...
+STALE_AFTER_S = 600     # ... so one silent this long, on another host, has lost its worker
+
 
 
 def config_differences(saved: dict, cfg: ExperimentConfig) -> list[str]:
@@ -256,29 +236,28 @@ def config_differences(saved: dict, cfg: ExperimentConfig) -> list[str]:
             if k not in _IGNORED_IN_COMPARISON and k in saved and saved[k] != v]
 
 
-def _alive(pid) -> bool:
-    try: os.kill(int(pid), 0)
-    except (OSError, TypeError, ValueError): return False
-    return True
-
-
 def cell_state(cell: Cell) -> tuple[str, str | None]:
     "(state, detail): done, conflict, corrupt, running, submitted, interrupted, failed or pending."
     run_dir = cell.run_dir
     if (run_dir / "metrics.json").is_file():
-        metrics = _read_json(run_dir / "metrics.json")
+        metrics = read_json(run_dir / "metrics.json")
         if not isinstance(metrics, dict) or not metrics.get("rows"):   # half-written or damaged: not a result
             return "corrupt", f"{run_dir / 'metrics.json'} does not parse or holds no rows; the cell runs again"
-        diff = config_differences(_read_json(run_dir / "config.json") or {}, cell.config())
+        diff = config_differences(read_json(run_dir / "config.json") or {}, cell.config())
         if diff:
             return "conflict", (f"{run_dir} holds a finished run with other settings: {'; '.join(diff[:4])}. "
                                 f"Move or delete that folder, or write this grid elsewhere with --outputs")
         return "done", None
-    st = _read_json(run_dir / "cell_status.json") or {}
+    st = read_json(run_dir / "cell_status.json") or {}
     state = st.get("status")
     if state == "running":
-        if st.get("host") == socket.gethostname() and not _alive(st.get("pid")):
+        if st.get("host") == socket.gethostname() and not process_alive(st.get("pid")):
             return "interrupted", f"its process {st.get('pid')} stopped before the run finished"
+        try: silent = time.time() - (run_dir / "cell_status.json").stat().st_mtime
+        except OSError: silent = 0.0
+        if st.get("host") != socket.gethostname() and silent > STALE_AFTER_S:   # a pid there cannot be checked here
+            return "interrupted", (f"its worker on {st.get('host')} (pid {st.get('pid')}) has sent no heartbeat for "
+                                   f"{silent / 60:.0f} min; taken over")
         return "running", f"on {st.get('host')} (pid {st.get('pid')}) since {st.get('started')}"
     if state == "submitted": return "submitted", f"job {st.get('job_id')} submitted {st.get('started')}"
     if state == "failed": return "failed", st.get("error")
@@ -313,6 +292,27 @@ def _describe_error(e: BaseException) -> str:
     return f"{type(e).__name__}: {e}"
 
 
+def _local_kernel_manager():
+    """A kernel manager whose kernel talks over local IPC sockets in the temporary folder: no TCP port opens,
+    so the kernel's unencrypted-TCP warning (which no user can act on) does not apply. TCP on Windows."""
+    from jupyter_client.manager import AsyncKernelManager
+    if os.name == "nt": return AsyncKernelManager
+
+    class IPCKernelManager(AsyncKernelManager):
+        def __init__(self, **kw):
+            super().__init__(**kw)
+            self.transport = "ipc"
+            self.ip = str(Path(tempfile.gettempdir()) / f"sewer-ssl-kernel-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    return IPCKernelManager
+
+
+def _heartbeat(path: Path, stop: threading.Event, every: float = HEARTBEAT_S) -> None:
+    "Touch `path` every `every` seconds until `stop` is set: the sign, seen from other hosts, that a worker lives."
+    while not stop.wait(every):
+        try: os.utime(path)
+        except OSError: pass
+
+
 def run_cell(cell: Cell, notebook=None, env: dict | None = None) -> dict:
     "Execute run.ipynb for `cell` into its run folder; returns (and writes) the cell's status record."
     import papermill as pm   # imported on use: the worker processes need it, listing a grid does not
@@ -323,20 +323,24 @@ def run_cell(cell: Cell, notebook=None, env: dict | None = None) -> dict:
                   host=socket.gethostname(), pid=os.getpid(), gpu=env.get("CUDA_VISIBLE_DEVICES"),
                   slurm_job=os.environ.get("SLURM_JOB_ID"), notebook=str(run_dir / "run.ipynb"),
                   started=time.strftime("%Y-%m-%dT%H:%M:%S"), error=None)
-    _atomic_text(run_dir / "cell_status.json", json.dumps(record, indent=1))
+    atomic_write_text(run_dir / "cell_status.json", json.dumps(record, indent=1))
     t0 = time.perf_counter()
+    beating = threading.Event()
+    threading.Thread(target=_heartbeat, args=(run_dir / "cell_status.json", beating), daemon=True).start()
     try:
         with _environ(env):
             pm.execute_notebook(str(notebook or default_notebook()), record["notebook"], parameters=cell.params(),
                                 kernel_name="python3", cwd=str(project_root(Path(notebook or default_notebook()).parent)),
-                                progress_bar=False)
+                                progress_bar=False, kernel_manager_class=_local_kernel_manager())
         if not (run_dir / "metrics.json").is_file():
             raise GridError("the notebook finished without writing metrics.json")
         record["status"] = "done"
     except Exception as e:
         record.update(status="failed", error=_describe_error(e))
+    finally:
+        beating.set()
     record.update(seconds=round(time.perf_counter() - t0, 1), finished=time.strftime("%Y-%m-%dT%H:%M:%S"))
-    _atomic_text(run_dir / "cell_status.json", json.dumps(record, indent=1))
+    atomic_write_text(run_dir / "cell_status.json", json.dumps(record, indent=1))
     return record
 
 # %% ../nbs/11_grid.ipynb #a0c81151
@@ -383,10 +387,10 @@ def worker_env(slot: int, workers: int, gpus: list[str]) -> dict:
 def write_grid_status(cells: list[Cell], outcomes: dict | None = None) -> Path:
     "Rewrite <outputs>/grids/<grid>/grid_status.json from the cells' folders (earlier entries are kept)."
     path = Path(cells[0].status_dir) / "grid_status.json"
-    old = {c["run_id"]: c for c in (_read_json(path) or {}).get("cells", [])}
+    old = {c["run_id"]: c for c in (read_json(path) or {}).get("cells", [])}
     for c in cells:
         state, detail = cell_state(c)
-        st = _read_json(c.run_dir / "cell_status.json") or {}
+        st = read_json(c.run_dir / "cell_status.json") or {}
         old[c.run_id] = dict(run_id=c.run_id, state=state, detail=detail, coords=c.coords, run_dir=str(c.run_dir),
                              notebook=st.get("notebook"), seconds=st.get("seconds"), finished=st.get("finished"),
                              last_outcome=(outcomes or {}).get(c.run_id, old.get(c.run_id, {}).get("last_outcome")))
@@ -397,7 +401,7 @@ def write_grid_status(cells: list[Cell], outcomes: dict | None = None) -> Path:
               for e in entries if e["state"] in ("failed", "conflict")]
     doc = dict(grid=cells[0].grid, updated=time.strftime("%Y-%m-%dT%H:%M:%S"), counts=counts, failed=failed,
                cells=entries)
-    return _atomic_text(path, json.dumps(doc, indent=1, default=str))
+    return atomic_write_text(path, json.dumps(doc, indent=1, default=str))
 
 
 def _taken_meanwhile(cell: Cell) -> str | None:
@@ -433,7 +437,7 @@ def _run_local(todo, notebook, workers, gpus, finish, log, recheck: bool = True)
                 try: record = fut.result()
                 except Exception as e:   # the worker itself died (killed, out of memory)
                     record = dict(run_id=cell.run_id, status="failed", error=f"worker: {_describe_error(e)}")
-                    _atomic_text(cell.run_dir / "cell_status.json",
+                    atomic_write_text(cell.run_dir / "cell_status.json",
                                  json.dumps({**record, "settings": cell.settings}, indent=1))
                 finish(cell, record)
 
@@ -468,21 +472,21 @@ def _run_slurm(todo, notebook, slurm: dict, finish, log, wait_for_jobs=True):
     env = {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}   # the scheduler assigns the GPU
     # marked before submission, so a job that starts at once is never overwritten by this mark
     for cell in todo:
-        _atomic_text(cell.run_dir / "cell_status.json",
+        atomic_write_text(cell.run_dir / "cell_status.json",
                      json.dumps(dict(run_id=cell.run_id, status="submitted", job_id=None, settings=cell.settings,
                                      started=time.strftime("%Y-%m-%dT%H:%M:%S")), indent=1))
     jobs = ex.map_array(run_cell, todo, [str(notebook)] * len(todo), [env] * len(todo))
     for cell, job in zip(todo, jobs):
         log(f"submitted {cell.run_id} as job {job.job_id}")
-        st = _read_json(cell.run_dir / "cell_status.json") or {}
+        st = read_json(cell.run_dir / "cell_status.json") or {}
         if st.get("status") == "submitted":   # the job has not started yet: record its id
-            _atomic_text(cell.run_dir / "cell_status.json", json.dumps({**st, "job_id": str(job.job_id)}, indent=1))
+            atomic_write_text(cell.run_dir / "cell_status.json", json.dumps({**st, "job_id": str(job.job_id)}, indent=1))
     if not wait_for_jobs: return
     for cell, job in zip(todo, jobs):
         try: record = job.result()
         except Exception as e:    # the job died outside run_cell (time limit, node failure)
             record = dict(run_id=cell.run_id, status="failed", error=f"job {job.job_id}: {_describe_error(e)}"[:2000])
-            _atomic_text(cell.run_dir / "cell_status.json",
+            atomic_write_text(cell.run_dir / "cell_status.json",
                          json.dumps({**record, "settings": cell.settings}, indent=1))
         finish(cell, record)
 
@@ -522,13 +526,15 @@ def run_grid(cells: list[Cell], *, workers: int | None = None, gpus=None, notebo
             + (f": {record['error']}" if record.get("error") else ""))
         write_grid_status(cells, outcomes)
 
+    for folder in {c.run_dir.parent for c in cells}: sweep_temporaries(folder)   # leftovers of killed writes
     if todo and slurm is not None: _submitit()   # a missing package fails before anything is prepared
+
     if todo:
         data_errors = prepare_data(todo, log=log)
         for c in [c for c in todo if c.run_id in data_errors]:
             record = dict(run_id=c.run_id, status="failed", error=data_errors[c.run_id], settings=c.settings,
                           coords=c.coords)
-            _atomic_text(c.run_dir / "cell_status.json", json.dumps(record, indent=1))
+            atomic_write_text(c.run_dir / "cell_status.json", json.dumps(record, indent=1))
             finish(c, record)
         todo = [c for c in todo if c.run_id not in data_errors]
     if todo: notebook = Path(notebook) if notebook else default_notebook()
@@ -560,8 +566,8 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 def run_rows(run_dir, grid: str | None = None) -> list[dict]:
     "The table rows of one run folder (empty when the folder holds no run)."
     run_dir = Path(run_dir)
-    cfg, metrics = _read_json(run_dir / "config.json"), _read_json(run_dir / "metrics.json")
-    st = _read_json(run_dir / "cell_status.json")
+    cfg, metrics = read_json(run_dir / "config.json"), read_json(run_dir / "metrics.json")
+    st = read_json(run_dir / "cell_status.json")
     if cfg is None and metrics is None and st is None: return []
     base = dict(grid=grid, run_id=run_dir.name)
     if metrics is not None: base.update(status="done", error=None)
@@ -604,7 +610,7 @@ def write_results_table(grid: str, outputs="outputs", out_dir=None, results_dir=
     "results_table written atomically to <outputs>/results/<grid>.csv (or `results_dir`)."
     table = results_table(grid, outputs, out_dir)
     folder = Path(results_dir) if results_dir else project_root() / Path(outputs).expanduser() / "results"
-    return _atomic_text(folder / f"{grid}.csv", table.to_csv(index=False)), table
+    return atomic_write_text(folder / f"{grid}.csv", table.to_csv(index=False)), table
 
 # %% ../nbs/11_grid.ipynb #33051b6e
 def _value(text: str):

@@ -9,7 +9,6 @@ import functools
 import json
 import os
 import shutil
-import tempfile
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import pandas as pd
 from PIL import Image
 
 from .config import CODES, COLUMNS, SPLIT_FILES
+from .files import sweep_temporaries, temporary_sibling
 
 # %% auto #0
 __all__ = ['DEFAULT_DIFFICULTY', 'GENERATOR_VERSION', 'TAU', 'CONNECTIONS', 'MATERIALS', 'DEFECT_MECHANISMS', 'CODE_WEIGHTS',
@@ -974,7 +974,8 @@ def generate_dataset(out_dir, n_train=4000, n_val=4000, size=128, defect_rate=0.
             raise FileExistsError(f"{out} already holds something else ({problem}); "
                                   "choose another folder or pass overwrite=True to replace it")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    sweep_temporaries(out.parent)   # what an interrupted generation left
+    tmp = temporary_sibling(out); tmp.mkdir()
     try:
         (tmp / "images").mkdir()
         tasks, start, chunk = [], 1, 50
@@ -994,7 +995,7 @@ def generate_dataset(out_dir, n_train=4000, n_val=4000, size=128, defect_rate=0.
         table.iloc[n_train:].to_csv(tmp / SPLIT_FILES["val"], index=False)
         (tmp / "synthetic.json").write_text(json.dumps(params, indent=2) + "\n")
         if out.exists():  # move the old folder aside first, so a crash here never mixes the two
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            old = temporary_sibling(out); old.mkdir()
             os.replace(out, old / "d")
             os.replace(tmp, out)
             shutil.rmtree(old, ignore_errors=True)

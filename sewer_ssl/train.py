@@ -9,7 +9,7 @@ import json
 import math
 import os
 import signal
-import tempfile
+import sys
 import threading
 import time
 import warnings
@@ -21,37 +21,16 @@ from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
 from tqdm.auto import tqdm
 
-from .config import ExperimentConfig
+from .config import EVALUATION_ONLY, ExperimentConfig
+from .files import atomic_write
 from .distributed import (all_reduce_gradients, all_reduce_mean_, all_reduce_sum, barrier,
                                    broadcast_module, init_distributed, is_distributed, rank, sync_batchnorm,
                                    world_size)
 
 # %% auto #0
-__all__ = ['PROBE_PREFIX', 'COLLAPSE_FLOOR', 'atomic_write', 'atomic_write_text', 'method_parameters', 'build_optimizer',
-           'build_scheduler', 'TrainingError', 'TrainingInterrupted', 'pick_device', 'memory_format_for',
-           'relative_feature_std', 'monitor_epoch', 'optimisation_step', 'train']
-
-# %% ../nbs/07_train.ipynb #66f2b242
-def atomic_write(path, write_fn, suffix=".tmp"):
-    "Call `write_fn(tmp_path)`, then atomically move the temporary file to `path`."
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
-    os.close(fd)
-    try:
-        write_fn(tmp)
-        umask = os.umask(0); os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; results should read like any other file
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp): os.remove(tmp)
-        raise
-    return path
-
-
-def atomic_write_text(path, text: str):
-    "Write `text` to `path` atomically."
-    return atomic_write(path, lambda t: Path(t).write_text(text, encoding="utf-8"))
+__all__ = ['PROBE_PREFIX', 'COLLAPSE_FLOOR', 'method_parameters', 'build_optimizer', 'build_scheduler', 'TrainingError',
+           'TrainingInterrupted', 'pick_device', 'memory_format_for', 'relative_feature_std', 'monitor_epoch',
+           'optimisation_step', 'train']
 
 # %% ../nbs/07_train.ipynb #2d43d1ea
 PROBE_PREFIX = "online_probe."  # the online probe has its own optimiser: it is not part of the method
@@ -90,7 +69,8 @@ class TrainingError(RuntimeError):
 
 
 class TrainingInterrupted(RuntimeError):
-    "SIGTERM arrived: a checkpoint was written; run the same command again to resume."
+    "SIGTERM or Ctrl-C arrived: a checkpoint was written; run the same command again to resume."
+
 
 
 COLLAPSE_FLOOR = 0.05  # relative feature std (1 = isotropic, 0 = every image maps to the same point)
@@ -113,8 +93,7 @@ def memory_format_for(device: torch.device) -> torch.memory_format:
 def _train_signature(cfg: ExperimentConfig) -> dict:
     "The settings a checkpoint must share with the run that resumes it."
     d = cfg.to_dict()
-    for k in ("out_dir", "run_id", "test_ps", "num_workers", "device", "probe_epochs", "probe_lr", "compile", "overwrite"):
-        d.pop(k, None)
+    for k in ("run_id", *EVALUATION_ONLY): d.pop(k, None)
     return json.loads(json.dumps(d, default=list))
 
 
@@ -124,19 +103,26 @@ def _epoch_seed(seed: int, epoch: int) -> int: return seed * 100_003 + epoch
 def _step_seed(seed: int, step: int, rank: int) -> int: return (seed * 1_000_003 + step) * 1_009 + rank
 
 
-class _SigtermFlag:
-    "Turns SIGTERM (cluster pre-emption, `kill`) into a flag the loop checks at its next sync point."
-    def __init__(self): self.raised, self._old = False, None
+class _StopSignals:
+    """Turns SIGTERM (cluster pre-emption, `kill`) and a first Ctrl-C (SIGINT, also Jupyter's "interrupt
+    kernel") into a flag the loop checks at its next sync point, where it writes a checkpoint and stops.
+    A second Ctrl-C stops at once (KeyboardInterrupt); the last epoch's checkpoint is then what resumes."""
+    def __init__(self): self.raised, self.name, self._old = False, None, {}
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
-            self._old = signal.signal(signal.SIGTERM, self._handle)
+            for s in (signal.SIGTERM, signal.SIGINT): self._old[s] = signal.signal(s, self._handle)
         return self
 
-    def _handle(self, signum, frame): self.raised = True
+    def _handle(self, signum, frame):
+        if signum == signal.SIGINT and self.raised: raise KeyboardInterrupt
+        self.raised, self.name = True, signal.Signals(signum).name
+        if signum == signal.SIGINT:
+            print("\nCtrl-C: stopping at the next step with a checkpoint (Ctrl-C again stops at once)",
+                  file=sys.stderr, flush=True)
 
     def __exit__(self, *exc):
-        if self._old is not None: signal.signal(signal.SIGTERM, self._old)
+        for s, old in self._old.items(): signal.signal(s, old)
 
 
 def relative_feature_std(f: torch.Tensor) -> float:
@@ -258,7 +244,7 @@ def train(method: torch.nn.Module, dataset, cfg: ExperimentConfig, run_dir=None,
 
     step = start_epoch * steps_per_epoch + start_batch
     first_step = step   # where this call starts: 0 (trained), inside (resumed) or the end (nothing to train)
-    with _SigtermFlag() as sigterm:
+    with _StopSignals() as stop:
         for epoch in range(start_epoch, cfg.epochs):
             torch.manual_seed(_epoch_seed(cfg.seed, epoch))
             order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(_epoch_seed(cfg.seed, epoch)))
@@ -311,9 +297,9 @@ def train(method: torch.nn.Module, dataset, cfg: ExperimentConfig, run_dir=None,
                     bar.set_postfix(loss=f"{rows[-1]['loss']:.3f}", lr=f"{rows[-1]['lr']:.2e}",
                                     img_s=f"{rows[-1]['img_s']:.0f}")
                     t0, t_wait = time.perf_counter(), 0.0
-                    if _any_process(sigterm.raised, device) and not last:
+                    if _any_process(stop.raised, device) and not last:
                         save(epoch, k + 1)
-                        raise TrainingInterrupted(f"SIGTERM at step {step}: checkpoint written to {ckpt_path}; "
+                        raise TrainingInterrupted(f"{stop.name or 'a stop signal'} at step {step}: checkpoint written to {ckpt_path}; "
                                                   "run the same command again to resume")
                 t_fetch = time.perf_counter()
             # -- end of epoch: online probe and feature health into the epoch's last history row
@@ -329,9 +315,14 @@ def train(method: torch.nn.Module, dataset, cfg: ExperimentConfig, run_dir=None,
                 warnings.warn(f"epoch {epoch}: the representation has collapsed (relative feature std below "
                               f"{COLLAPSE_FLOOR}); the run goes on, but its features carry little information")
             if history: history[-1].update(figures)
+            if progress and rank_ == 0 and history:   # one plain line per epoch: readable in a log or a papermill terminal
+                last = history[-1]
+                tqdm.write(f"epoch {epoch + 1}/{cfg.epochs}: loss {last['loss']:.4f}"
+                           + (f", val probe AUROC {last['val_probe_auroc']:.3f}" if last.get("val_probe_auroc") is not None else "")
+                           + f", {last.get('img_s', float('nan')):.0f} img/s", file=sys.stdout)
             save(epoch + 1, 0)
-            if sigterm.raised and epoch + 1 < cfg.epochs:
-                raise TrainingInterrupted(f"SIGTERM after epoch {epoch + 1}: checkpoint written to {ckpt_path}; "
+            if stop.raised and epoch + 1 < cfg.epochs:
+                raise TrainingInterrupted(f"{stop.name} after epoch {epoch + 1}: checkpoint written to {ckpt_path}; "
                                           "run the same command again to resume")
     out = pd.DataFrame(history)
     out.attrs.update(start_step=first_step, total_steps=total_steps)

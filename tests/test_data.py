@@ -202,8 +202,8 @@ def test_symlink_out_of_folder_is_refused(demo, tmp_path_factory):
 def test_cache_decodes_once_and_matches_pil(demo, monkeypatch):
     root, frame = demo
     calls = []
-    real = data._decode_image
-    monkeypatch.setattr(data, "_decode_image", lambda path, size: calls.append(path) or real(path, size))
+    real = data.decode_image
+    monkeypatch.setattr(data, "decode_image", lambda path, size: calls.append(path) or real(path, size))
     cache = ImageCache(root / "images", frame.Filename, size=8, cache_dir=root / "cache")
     assert cache.ensure(frame.Filename[:5]) == 5 and len(calls) == 5
     assert cache.ensure(frame.Filename) == 15 and len(calls) == 20

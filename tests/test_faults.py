@@ -177,7 +177,9 @@ def test_an_image_size_beyond_reason_is_refused():
         ExperimentConfig(img_size=4096)
 
 
-def test_sigterm_during_the_cache_build_says_what_is_kept_and_a_rerun_continues(tmp_path):
+@pytest.mark.parametrize("signame, said", [("SIGTERM", "SIGTERM while building the image cache"),
+                                            ("SIGINT", "Ctrl-C while building the image cache")])
+def test_a_stop_signal_during_the_cache_build_says_what_is_kept_and_a_rerun_continues(tmp_path, signame, said):
     import os, signal, subprocess, sys, time
     from sewer_ssl.data import write_demo_folder
     write_demo_folder(tmp_path / "imgs", n=4000, size=64, seed=0, csv_name="labels.csv")
@@ -196,9 +198,10 @@ def test_sigterm_during_the_cache_build_says_what_is_kept_and_a_rerun_continues(
     deadline = time.time() + 60   # signal once decoding has begun (the handler is in place by then)
     while time.time() < deadline and not any(f.read_bytes().count(1) for f in (tmp_path / "cache").glob("*/filled.u8")):
         time.sleep(0.05)
-    p.send_signal(signal.SIGTERM)
+    p.send_signal(getattr(signal, signame))
     out, err = p.communicate(timeout=60)
-    assert p.returncode != 0 and "SIGTERM while building the image cache" in err and "run the same command again" in err
+    assert p.returncode != 0 and said in err and "run the same command again" in err
+    assert not _processes_running(str(script))          # no decoder outlives the build
     again = subprocess.run(args, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0
     assert 0 < int(again.stdout.split()[-1]) < 4000          # only what the first build had not decoded
@@ -210,3 +213,89 @@ def test_a_damaged_cache_is_named_with_the_fix(tmp_path):
     (cache.dir / "meta.json").write_text("{trunc")
     with pytest.raises(DataError, match=r"damaged meta.json; delete that folder"):
         ImageCache(tmp_path, ["a.png"], 8, cache_dir=tmp_path / "cache")
+
+
+def _processes_running(marker: str) -> list[int]:
+    "Pids whose command line mentions `marker` (decoder-pool workers carry their parent's script path)."
+    import os, pathlib, time
+    time.sleep(0.5)   # a terminated worker needs a moment to be reaped
+    found = []
+    for cmd in pathlib.Path("/proc").glob("[0-9]*/cmdline"):
+        try: text = cmd.read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError: continue
+        if marker in text and int(cmd.parent.name) != os.getpid(): found.append(int(cmd.parent.name))
+    return found
+
+
+def test_a_first_ctrl_c_stops_training_at_the_next_step_with_a_checkpoint(tmp_path):
+    import os, signal
+    import numpy as np
+    import torch
+    from sewer_ssl.methods import build_method
+    from sewer_ssl.train import TrainingInterrupted, train
+
+    class Cached(torch.utils.data.Dataset):
+        def __init__(self, interrupt_at=None):
+            self.x = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (64, 3, 16, 16), dtype=np.uint8))
+            self.interrupt_at, self.seen = interrupt_at, 0
+        def __len__(self): return len(self.x)
+        def __getitem__(self, i):
+            self.seen += 1
+            if self.seen == self.interrupt_at: os.kill(os.getpid(), signal.SIGINT)
+            return self.x[i], float(i % 2)
+
+    def views(x):
+        x = x.float() / 255
+        return [(x + 0.1 * torch.randn_like(x) - 0.5) / 0.25 for _ in range(2)]
+
+    cfg = ExperimentConfig(img_size=16, epochs=2, batch_size=16, device="cpu", method_kwargs=dict(proj_hidden=32, proj_dim=16))
+    torch.manual_seed(cfg.seed)
+    with pytest.raises(TrainingInterrupted, match=r"SIGINT at step \d+: checkpoint written.*run the same command again"):
+        train(build_method(cfg), Cached(interrupt_at=20), cfg, tmp_path / "run", progress=False, log_every=1, augment=views)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler     # the handler is given back
+    state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+    assert state["epoch"] == 0 and state["batch"] > 0
+    resumed = train(build_method(cfg), Cached(), cfg, tmp_path / "run", progress=False, log_every=1, augment=views)
+    assert resumed.epoch.max() == 1 and resumed.step.max() == 2 * (64 // 16) - 1
+
+
+def test_leftovers_of_killed_writes_are_swept_and_live_ones_kept(tmp_path):
+    import subprocess, sys
+    from sewer_ssl.files import sweep_temporaries, temporary_sibling
+    cfg = _cfg(tmp_path)
+    run = cfg.run_dir
+    run.mkdir(parents=True)
+    # a checkpoint write killed by kill -9: a temporary sibling named for a process that no longer exists
+    script = ("import sys; from sewer_ssl.files import temporary_sibling; p = temporary_sibling(sys.argv[1]); "
+              "p.write_bytes(b'half a checkpoint'); print(p)")
+    dead = subprocess.run([sys.executable, "-c", script, str(run / "checkpoint.pt")], capture_output=True, text=True,
+                          check=True).stdout.strip()
+    live = temporary_sibling(run / "history.csv"); live.write_text("being written")   # this process: alive
+    assert sweep_temporaries(run) == [type(run)(dead)] and live.exists()
+    live.unlink()
+    subprocess.run([sys.executable, "-c", script, str(run / "checkpoint.pt")], check=True, capture_output=True)
+    result = run_experiment(cfg, progress=False)                # a run sweeps its folder before writing
+    assert result["summary"]["action"] == "trained"
+    assert not [p for p in run.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_a_test_proportion_the_test_pool_cannot_supply_names_test_ps(tmp_path):
+    from sewer_ssl.data import DataError
+    with pytest.raises(DataError, match=r"test_ps holds 0.001, which the test pool cannot supply.*train_p plays no part"):
+        run_experiment(_cfg(tmp_path, test_ps=(0.15, 0.001)), progress=False)
+    assert not (tmp_path / "runs" / "r").exists()               # refused before anything was written
+
+
+def test_a_cell_whose_worker_on_another_host_went_silent_is_taken_over(tmp_path):
+    import os, time
+    from sewer_ssl.grid import STALE_AFTER_S, Cell, cell_state
+    cell = Cell("g", {"method": "simclr"}, dict(method="simclr", epochs=1, run_id="c", out_dir=str(tmp_path / "runs")),
+                str(tmp_path / "grids" / "g"))
+    cell.run_dir.mkdir(parents=True)
+    status = cell.run_dir / "cell_status.json"
+    status.write_text(json.dumps(dict(status="running", host="node-elsewhere", pid=1, started="then")))
+    assert cell_state(cell)[0] == "running"                     # heartbeat fresh: another host is working on it
+    old = time.time() - STALE_AFTER_S - 60
+    os.utime(status, (old, old))
+    state, detail = cell_state(cell)
+    assert state == "interrupted" and "no heartbeat" in detail and "node-elsewhere" in detail

@@ -110,6 +110,6 @@ def test_unreachable_test_proportion_fails_before_training(tmp_path):
     cfg = ExperimentConfig(img_size=16, epochs=1, batch_size=16, device="cpu", test_ps=(0.15, 0.01),
                            data_dir=str(tmp_path / "data"), out_dir=str(tmp_path / "runs"),
                            data_kwargs=dict(n_train=80, n_val=80, size=24))
-    with pytest.raises(DataError, match="p=0.01 keeps at least one defect only with >= 99 normal images"):
+    with pytest.raises(DataError, match=r"test_ps holds 0.01, which the test pool cannot supply: .* needs at least 99 normal and 1 defect images"):
         run_experiment(cfg, progress=False)
     assert not (tmp_path / "runs").exists()

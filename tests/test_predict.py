@@ -1,0 +1,109 @@
+"""The inspection workflow end to end: a tiny run, new images scored with it, operating points from
+validation data only, the triage report and the exported detectors."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from sewer_ssl.config import ExperimentConfig
+from sewer_ssl.data import load_index, make_splits
+from sewer_ssl.evaluate import OPERATING_POINTS, operating_points
+from sewer_ssl.experiment import run_experiment
+from sewer_ssl.predict import Detector, PredictError, export_detector, predict, read_images
+from sewer_ssl.synthetic import generate_dataset
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("predict")
+    cfg = ExperimentConfig(method="simclr", img_size=32, epochs=1, batch_size=32, device="cpu", run_id="tiny",
+                           out_dir=str(tmp / "runs"), data_dir=str(tmp / "data"), test_ps=(0.15, 0.05), probe_epochs=50,
+                           data_kwargs=dict(n_train=200, n_val=400, size=32), method_kwargs=dict(proj_hidden=64, proj_dim=32))
+    result = run_experiment(cfg, progress=False)
+    generate_dataset(tmp / "new", n_train=12, n_val=4, size=48, seed=123)   # images the run never saw
+    return tmp, cfg, result
+
+
+def test_new_images_are_scored_and_a_corrupt_one_is_named(run):
+    tmp, cfg, result = run
+    images = sorted((tmp / "new" / "images").glob("*.png"))
+    (tmp / "new" / "images" / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    loose = tmp / "loose.png"; loose.write_bytes(images[0].read_bytes())
+    table, failed = predict(result["run_dir"], [loose, tmp / "new" / "images"], out=tmp / "scores.csv", progress=False)
+    assert [Path(p).name for p, _ in failed] == ["corrupt.png"] and "corrupt.png" not in " ".join(table.file)
+    assert len(table) == len(images) + 1 and list(table.file[:1]) == [str(loose)]          # input order kept
+    written = pd.read_csv(tmp / "scores.csv")
+    assert len(written) == len(table) and {"probability", "knn_score", "knn_percentile", "rank"} <= set(written)
+    assert np.isclose(table.probability[0], table.probability[1 + images.index(images[0])])  # same pixels, same score
+    assert table.probability.between(0, 1).all() and table.knn_percentile.between(0, 100).all()
+    det = Detector.load(result["run_dir"])
+    for name in OPERATING_POINTS:
+        assert (table[f"flag_{name}"] == (table.probability >= det.thresholds[name])).all()
+
+
+def test_training_images_score_as_the_run_evaluated_them(run):
+    tmp, cfg, result = run
+    train = result["splits"]["train"]
+    csv = tmp / "train_list.csv"; train[["Filename"]].to_csv(csv, index=False)
+    table, failed = predict(result["run_dir"], [csv], image_dir=tmp / "data" / "images", progress=False)
+    det = Detector.load(result["run_dir"])
+    with np.load(result["run_dir"] / "features.npz") as f:
+        pos = pd.Index(f["train__keys"].astype(str)).get_indexer(train.Filename.astype(str))
+        expected = det.probe.probability(f["train"][pos])
+    assert not failed and len(table) == len(train)
+    np.testing.assert_allclose(table.probability, expected, atol=1e-5)
+
+
+def test_operating_points_come_from_validation_labels_only(run):
+    tmp, cfg, result = run
+    det = Detector.load(result["run_dir"])
+    splits = make_splits(load_index(cfg.replace(data_dir=str(tmp / "data"))), cfg)
+    with np.load(result["run_dir"] / "features.npz") as f:
+        pos = pd.Index(f["val__keys"].astype(str)).get_indexer(splits["val"].Filename.astype(str))
+        val_prob = det.probe.probability(f["val"][pos])
+    assert det.thresholds == pytest.approx(operating_points(splits["val"].Defect, val_prob, cfg.target_recall))
+    summary = json.loads((result["run_dir"] / "metrics.json").read_text())["operating_points"]
+    assert summary["chosen_on"] == "validation pool" and summary["thresholds"] == pytest.approx(det.thresholds)
+    rows = pd.DataFrame(summary["rows"])
+    assert set(rows.test_p) == {0.15, 0.05} and set(rows.point) == set(OPERATING_POINTS)
+    assert rows.recall.between(0, 1).all()
+
+
+def test_exported_detectors_score_as_pytorch(run):
+    pytest.importorskip("onnxruntime")
+    import onnxruntime
+    tmp, cfg, result = run
+    det = Detector.load(result["run_dir"])
+    images, _, _ = read_images(sorted((tmp / "new" / "images").glob("0*.png"))[:8], det.img_size)
+    reference = det.score(images).probability.to_numpy()
+    paths = export_detector(det, tmp / "export")
+    contract = json.loads(paths["contract"].read_text())
+    assert contract["input"]["shape"] == ["batch", 3, 32, 32] and contract["input"]["channel_order"] == "RGB"
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
+    scripted = torch.jit.load(str(paths["torchscript"]))(x).numpy()
+    onnx = onnxruntime.InferenceSession(str(paths["onnx"]), providers=["CPUExecutionProvider"]).run(None, {"images": x.numpy()})[0]
+    assert np.abs(scripted - reference).max() < 1e-4 and np.abs(onnx - reference).max() < 1e-4
+
+
+def test_the_command_line_scores_a_folder_and_writes_a_report(run):
+    tmp, cfg, result = run
+    out, report = tmp / "cli.csv", tmp / "report.html"
+    p = subprocess.run([sys.executable, "-m", "sewer_ssl.predict", str(result["run_dir"]), str(tmp / "new" / "images"),
+                        "--out", str(out), "--report", str(report), "--top-k", "3", "--quiet"],
+                       capture_output=True, text=True, timeout=600)
+    corrupt = (tmp / "new" / "images" / "corrupt.png").exists()
+    assert p.returncode == (2 if corrupt else 0), p.stderr
+    assert "images scored" in p.stdout and out.is_file() and report.read_text().count("<figure>") == 3
+
+
+def test_a_folder_that_is_not_a_finished_run_is_named(tmp_path):
+    (tmp_path / "half").mkdir(); (tmp_path / "half" / "config.json").write_text("{}")
+    with pytest.raises(PredictError, match=r"lacks checkpoint.pt, detector.npz"):
+        Detector.load(tmp_path / "half")
+    with pytest.raises(PredictError, match="does not exist"):
+        Detector.load(tmp_path / "nowhere")
