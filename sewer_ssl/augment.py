@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from torchvision.transforms import v2
 
-from .config import NORM_MEAN, NORM_STD, ExperimentConfig
+from .config import NORM_MEAN, NORM_STD, PAPER_MIN_SCALE, PAPER_T_VAL, ExperimentConfig
 
 # %% auto #0
 __all__ = ['normalize', 'view_transform', 'eval_transform', 'views_for', 'ViewDataset', 'CachedImages', 'sample_crop_boxes',
@@ -25,7 +25,7 @@ def normalize() -> v2.Compose:
     return v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize(NORM_MEAN, NORM_STD)])
 
 
-def view_transform(size: int, min_scale: float = 0.395, t_val: float = 0.275, flip: bool = True) -> v2.Compose:
+def view_transform(size: int, min_scale: float = PAPER_MIN_SCALE, t_val: float = PAPER_T_VAL, flip: bool = True) -> v2.Compose:
     "One random view: crop of area in [min_scale, 1], colour jitter of strength `t_val`, flip, normalise."
     steps = [v2.RandomResizedCrop(size, scale=(min_scale, 1.0), ratio=(3 / 4, 4 / 3),
                                   interpolation=v2.InterpolationMode.BICUBIC, antialias=True)]
@@ -256,7 +256,7 @@ def _check_int(name, v, low):
 
 class DeviceViews(nn.Module):
     "Random views of a uint8 batch `(B, 3, H, W)` on its own device: per-sample crop, jitter and flip, normalised."
-    def __init__(self, size: int, min_scale: float = 0.395, t_val: float = 0.275, flip: bool = True,
+    def __init__(self, size: int, min_scale: float = PAPER_MIN_SCALE, t_val: float = PAPER_T_VAL, flip: bool = True,
                  n_views: int = 2, n_local: int = 0, local_size: int | None = None, local_min_scale: float = 0.05,
                  ratio=(3 / 4, 4 / 3)):
         super().__init__()

@@ -11,9 +11,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 # %% auto #0
-__all__ = ['CODES', 'CODE_NAMES', 'CIW', 'COLUMNS', 'SPLIT_FILES', 'PROPORTIONS', 'EVALUATION_ONLY', 'NORM_MEAN', 'NORM_STD',
-           'METHOD_DEFAULTS', 'METHODS', 'BACKBONES', 'DATASETS', 'BACKBONE_ONLY', 'MethodDefaults', 'ConfigError',
-           'ExperimentConfig']
+__all__ = ['CODES', 'CODE_NAMES', 'CIW', 'COLUMNS', 'SPLIT_FILES', 'PROPORTIONS', 'EVALUATION_ONLY', 'PAPER_MIN_SCALE',
+           'PAPER_T_VAL', 'NORM_MEAN', 'NORM_STD', 'METHOD_DEFAULTS', 'METHODS', 'BACKBONES', 'DATASETS',
+           'BACKBONE_ONLY', 'MethodDefaults', 'ConfigError', 'ExperimentConfig']
 
 # %% ../nbs/00_config.ipynb #ed48a481
 CODES = ("RB", "OB", "PF", "DE", "FS", "IS", "RO", "IN", "AF", "BE", "FO", "GR", "PH", "PB", "OS", "OP", "OK")
@@ -38,6 +38,10 @@ PROPORTIONS = (0.45, 0.15, 0.05, 0.02, 0.01)
 # settings a re-run may change without training again: they only change the evaluation, or where and how it runs
 EVALUATION_ONLY = ("test_ps", "probe_epochs", "probe_lr", "target_recall", "num_workers", "device", "out_dir",
                    "compile", "overwrite")
+# the paper's views (section 4): RandomResizedCrop scale=(PAPER_MIN_SCALE, 1), ColorJitter strength PAPER_T_VAL;
+# every default of min_scale / t_val in the library is one of these two names
+PAPER_MIN_SCALE = 0.395
+PAPER_T_VAL = 0.275
 # channel statistics the authors used to normalise Sewer-ML images
 NORM_MEAN = (0.523, 0.453, 0.345)
 NORM_STD = (0.210, 0.199, 0.154)
@@ -148,8 +152,8 @@ class ExperimentConfig:
     warmup_lr: float | None = None
     optimizer: str | None = None
     min_lr: float = 1e-6
-    min_scale: float = 0.395           # RandomResizedCrop scale=(min_scale, 1)
-    t_val: float = 0.275               # ColorJitter strength; hue = t_val / 2
+    min_scale: float = PAPER_MIN_SCALE # RandomResizedCrop scale=(min_scale, 1)
+    t_val: float = PAPER_T_VAL         # ColorJitter strength; hue = t_val / 2
     flip: bool = True                  # random horizontal flip in the views
     method_kwargs: dict = field(default_factory=dict)  # overrides of METHOD_DEFAULTS[method].extra
     data_kwargs: dict = field(default_factory=dict)    # dataset-specific options (e.g. synthetic size)

@@ -21,7 +21,7 @@ from sklearn.metrics import average_precision_score, precision_recall_curve
 
 from .augment import DeviceViews, normalize, sample_crop_boxes
 from .backbones import mae_encode
-from .config import CODE_NAMES, CODES, NORM_MEAN, NORM_STD, ExperimentConfig
+from .config import CODE_NAMES, CODES, NORM_MEAN, NORM_STD, PAPER_MIN_SCALE, PAPER_T_VAL, ExperimentConfig
 from .losses import mae_loss, patchify, unpatchify
 from .metrics import binary_metrics
 
@@ -197,7 +197,7 @@ def code_examples_from_table(table: pd.DataFrame, load_image=None, codes=("norma
     return out
 
 # %% ../nbs/14_explorers.ipynb #62874722
-def augmentation_views(image, n_views: int = 6, min_scale: float = 0.395, t_val: float = 0.275,
+def augmentation_views(image, n_views: int = 6, min_scale: float = PAPER_MIN_SCALE, t_val: float = PAPER_T_VAL,
                        size: int | None = None, seed: int = 0, mask=None) -> dict:
     """`n_views` training views of one uint8 image (as `DeviceViews` makes them), as uint8 images;
     `boxes` (top, left, h, w) of each crop; `kept`: fraction of `mask` (a defect footprint) inside each crop."""
@@ -220,7 +220,7 @@ def augmentation_views(image, n_views: int = 6, min_scale: float = 0.395, t_val:
     return {"views": to_image(views), "boxes": boxes, "kept": kept}
 
 
-def kept_fraction_table(examples: dict, min_scales=(0.08, 0.395, 1.0), n: int = 500, seed: int = 0) -> pd.DataFrame:
+def kept_fraction_table(examples: dict, min_scales=(0.08, PAPER_MIN_SCALE, 1.0), n: int = 500, seed: int = 0) -> pd.DataFrame:
     "Mean fraction of each code's footprint inside a random crop, for each `min_scale` (codes x min_scale)."
     out = {}
     for code, (img, mask) in examples.items():
@@ -253,13 +253,13 @@ def _draw_augmentation(examples, codes, n_views, size, min_scale, t_val, seed):
             ax.imshow(v)
             if out["kept"] is not None: ax.set_title(f"defect kept {out['kept'][j]:.0%}", fontsize=7)
     for ax in axes.flat: ax.set_xticks([]); ax.set_yticks([])
-    fig.suptitle(f"views at min_scale={min_scale:g}, t_val={t_val:g} (paper: 0.395, 0.275); red: defect footprint",
+    fig.suptitle(f"views at min_scale={min_scale:g}, t_val={t_val:g} (paper: {PAPER_MIN_SCALE:g}, {PAPER_T_VAL:g}); red: defect footprint",
                  fontsize=9)
     return fig
 
 
 def augmentation_explorer(examples: dict | None = None, code=None, n_views: int = 6, size: int | None = None,
-                          min_scale: float = 0.395, t_val: float = 0.275, seed: int = 0, static: bool | None = None):
+                          min_scale: float = PAPER_MIN_SCALE, t_val: float = PAPER_T_VAL, seed: int = 0, static: bool | None = None):
     """Views of an example image per defect code under adjustable `min_scale` and `t_val`.
     `examples`: code -> image or (image, footprint) (default: `code_examples()`); `code`: the code(s) to
     show (static default: the first four)."""

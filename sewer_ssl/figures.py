@@ -15,7 +15,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 from scipy.stats import spearmanr
 
-from .config import BACKBONES, METHODS
+from .config import BACKBONES, METHODS, PAPER_MIN_SCALE, PAPER_T_VAL
 from .files import atomic_write
 
 # %% auto #0
@@ -119,7 +119,7 @@ def plot_heatmaps(df: pd.DataFrame, metric: str = "f1", backbones=None, classifi
     return fig
 
 # %% ../nbs/12_figures.ipynb #4c2a5144
-PAPER_AUGMENTATION = (0.395, 0.275)
+PAPER_AUGMENTATION = (PAPER_MIN_SCALE, PAPER_T_VAL)
 
 
 def augment_table(df: pd.DataFrame, metric: str = "f1", backbone: str | None = None, test_p="train",

@@ -29,7 +29,8 @@ import numpy as np
 import pandas as pd
 
 from .files import atomic_write_text, process_alive, project_root, read_json, sweep_temporaries
-from .config import BACKBONE_ONLY, BACKBONES, METHODS, PROPORTIONS, ConfigError, ExperimentConfig
+from .config import (BACKBONE_ONLY, BACKBONES, METHODS, PAPER_MIN_SCALE, PAPER_T_VAL, PROPORTIONS, ConfigError,
+                              ExperimentConfig)
 
 # %% auto #0
 __all__ = ['AUG_MIN_SCALES', 'AUG_T_VALS', 'RESOLUTIONS', 'NO_AUGMENTATION', 'PAPER_BUDGET', 'STUDY_BUDGET', 'STUDY_EPOCHS',
@@ -43,8 +44,8 @@ class GridError(ValueError):
     "A grid request cannot be served; the message names the problem and the fix."
 
 # %% ../nbs/11_grid.ipynb #0c2e95d0
-AUG_MIN_SCALES = (0.08, 0.185, 0.29, 0.395, 0.5)   # the paper's Figure 3 rows
-AUG_T_VALS = (0.1, 0.275, 0.45, 0.625, 0.8)        # ... and columns
+AUG_MIN_SCALES = (0.08, 0.185, 0.29, PAPER_MIN_SCALE, 0.5)   # the paper's Figure 3 rows, its choice among them
+AUG_T_VALS = (0.1, PAPER_T_VAL, 0.45, 0.625, 0.8)            # ... and columns
 RESOLUTIONS = (64, 128, 224, 384, 512)
 NO_AUGMENTATION = dict(min_scale=1.0, t_val=0.0, flip=False)  # the whole image, no jitter, no mirror
 PAPER_BUDGET = dict(img_size=224, epochs=45, batch_size=256, seed=42)

@@ -80,3 +80,20 @@ def test_build_execute_index(tmp_path):
 def test_cli_readme_check(monkeypatch, capsys):
     monkeypatch.chdir(ROOT)
     assert docs.main(["readme", "--check"]) == 0 and "up to date" in capsys.readouterr().out
+
+
+def test_the_papers_views_are_typed_once():
+    """The paper's min_scale 0.395 and t_val 0.275 live in config.py only; everything else imports the names."""
+    hits = [f"{p.name}:{n}" for p in sorted((ROOT / "sewer_ssl").glob("*.py")) if p.name != "_modidx.py"
+            for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1)
+            if re.search(r"(?<![\d.])0\.(395|275)(?!\d)", line)]
+    assert len(hits) == 2 and all(h.startswith("config.py:") for h in hits), hits
+
+
+def test_repository_basics_are_present():
+    """The licence the README names, the facts file the chapters cite, and no placeholder URLs."""
+    assert "Apache License" in (ROOT / "LICENSE").read_text(encoding="utf-8")
+    cited = {m for p in NBS.rglob("*.ipynb") for m in re.findall(r"PAPER\.md`?,? section (\d)", p.read_text(encoding="utf-8"))}
+    paper = (ROOT / "PAPER.md").read_text(encoding="utf-8")
+    assert cited and all(re.search(rf"^## {n}\. ", paper, re.M) for n in cited), cited
+    assert not re.search(r"^(doc_host|git_url) *= *\S", (ROOT / "settings.ini").read_text(encoding="utf-8"), re.M)
