@@ -52,7 +52,8 @@ def build_optimizer(model: torch.nn.Module, cfg: ExperimentConfig, skip=(PROBE_P
     groups = [{"params": decay, "weight_decay": cfg.wd}, {"params": no_decay, "weight_decay": 0.0}]
     if cfg.opt_name == "lars":
         return create_optimizer_v2(groups, opt="lars", lr=cfg.peak_lr, momentum=0.9, trust_coeff=0.001)
-    return create_optimizer_v2(groups, opt="adamw", lr=cfg.peak_lr, betas=(0.9, 0.999))
+    betas = tuple(cfg.method_settings.get("betas", (0.9, 0.999)))   # a method's own betas (supervised declares them)
+    return create_optimizer_v2(groups, opt="adamw", lr=cfg.peak_lr, betas=betas)
 
 
 def build_scheduler(optimizer, cfg: ExperimentConfig, steps_per_epoch: int) -> CosineLRScheduler:

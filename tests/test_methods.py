@@ -79,3 +79,33 @@ def test_channels_last_step_matches_the_default_layout():
     (l0, w0), (l1, w1) = out.values()
     assert l0 == pytest.approx(l1, rel=1e-5)
     for k in w0: torch.testing.assert_close(w1[k].contiguous(), w0[k].contiguous(), rtol=1e-4, atol=1e-5, msg=k)
+
+
+# settings of METHOD_DEFAULTS read outside the method's constructor, and by whom
+_READ_ELSEWHERE = {"betas": "train.build_optimizer", "n_local_crops": "augment.device_views_for",
+                   "local_size": "augment.device_views_for", "local_min_scale": "augment.device_views_for"}
+
+
+def test_every_method_setting_is_read_by_someone():
+    """A setting in METHOD_DEFAULTS reaches the method's constructor or a named reader; none does nothing."""
+    import inspect
+    from sewer_ssl.config import METHOD_DEFAULTS
+    from sewer_ssl.methods import METHOD_REGISTRY
+    for m, d in METHOD_DEFAULTS.items():
+        params = set(inspect.signature(METHOD_REGISTRY[m].__init__).parameters)
+        assert set(d.extra) - params <= set(_READ_ELSEWHERE), (m, sorted(set(d.extra) - params))
+
+
+def test_the_supervised_betas_reach_the_optimiser():
+    from sewer_ssl.train import build_optimizer
+    cfg = ExperimentConfig(method="supervised", img_size=16, device="cpu", method_kwargs={"betas": [0.8, 0.95]})
+    opt = build_optimizer(build_method(cfg), cfg)
+    assert all(tuple(g["betas"]) == (0.8, 0.95) for g in opt.param_groups)
+    default = ExperimentConfig(method="supervised", img_size=16, device="cpu")
+    assert all(tuple(g["betas"]) == (0.9, 0.999) for g in build_optimizer(build_method(default), default).param_groups)
+
+
+def test_an_unknown_method_setting_is_refused():
+    from sewer_ssl.config import ConfigError
+    with pytest.raises(ConfigError, match=r"method_kwargs \['tau'\] are not settings of 'simclr'"):
+        ExperimentConfig(method="simclr", method_kwargs={"tau": 0.1})
