@@ -140,6 +140,8 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '', 'doc_host': '', 'git_url
                                                                                    'sewer_ssl/config.py'),
                                   'sewer_ssl.config.ExperimentConfig.defaults': ( 'config.html#experimentconfig.defaults',
                                                                                   'sewer_ssl/config.py'),
+                                  'sewer_ssl.config.ExperimentConfig.differences': ( 'config.html#experimentconfig.differences',
+                                                                                     'sewer_ssl/config.py'),
                                   'sewer_ssl.config.ExperimentConfig.from_dict': ( 'config.html#experimentconfig.from_dict',
                                                                                    'sewer_ssl/config.py'),
                                   'sewer_ssl.config.ExperimentConfig.from_json': ( 'config.html#experimentconfig.from_json',
@@ -670,5 +672,6 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '', 'doc_host': '', 'git_url
                                  'sewer_ssl.train.monitor_epoch': ('train.html#monitor_epoch', 'sewer_ssl/train.py'),
                                  'sewer_ssl.train.optimisation_step': ('train.html#optimisation_step', 'sewer_ssl/train.py'),
                                  'sewer_ssl.train.pick_device': ('train.html#pick_device', 'sewer_ssl/train.py'),
+                                 'sewer_ssl.train.read_checkpoint': ('train.html#read_checkpoint', 'sewer_ssl/train.py'),
                                  'sewer_ssl.train.relative_feature_std': ('train.html#relative_feature_std', 'sewer_ssl/train.py'),
                                  'sewer_ssl.train.train': ('train.html#train', 'sewer_ssl/train.py')}}}

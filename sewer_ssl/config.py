@@ -297,3 +297,9 @@ class ExperimentConfig:
     def replace(self, **changes) -> "ExperimentConfig":
         "A validated copy with some settings changed."
         return dataclasses.replace(self, **changes)
+
+    def differences(self, saved: dict, ignore=()) -> list[tuple[str, object, object]]:
+        """(name, saved value, this config's value) of each setting a saved config.json holds otherwise; names
+        in `ignore`, and fields the saved file lacks (written by an older version), are not compared."""
+        want = json.loads(self.to_json(resolved=False))
+        return [(k, saved[k], v) for k, v in want.items() if k not in ignore and k in saved and saved[k] != v]

@@ -89,9 +89,7 @@ def check_run_folder(run_dir: Path, cfg: ExperimentConfig) -> None:
     except ValueError:
         raise ConfigError(f"{saved_path} is damaged (not JSON), so {run_dir} cannot be resumed safely; choose another "
                           "run_id, or set overwrite=True to replace the folder") from None
-    want = json.loads(cfg.to_json(resolved=False))
-    diff = [f"{k}: {saved[k]!r} there, {v!r} now" for k, v in want.items()
-            if k not in EVALUATION_ONLY and k in saved and saved[k] != v]
+    diff = [f"{k}: {there!r} there, {v!r} now" for k, there, v in cfg.differences(saved, EVALUATION_ONLY)]
     if diff:
         raise ConfigError(f"{run_dir} holds a run with other settings ({'; '.join(diff[:6])}); nothing was changed. "
                           "Choose another run_id, or set overwrite=True to replace that run")

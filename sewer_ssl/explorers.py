@@ -574,10 +574,11 @@ def _run_files(run_dir, *names) -> Path:
 def load_run(run_dir, device: str = "cpu"):
     "(config, trained method in eval mode) from a run folder's config.json and checkpoint.pt."
     from sewer_ssl.methods import build_method
+    from sewer_ssl.train import read_checkpoint
     run_dir = _run_files(run_dir, "config.json", "checkpoint.pt")
     cfg = ExperimentConfig.from_json((run_dir / "config.json").read_text())
     method = build_method(cfg)
-    state = torch.load(run_dir / "checkpoint.pt", map_location=device, weights_only=True)
+    state = read_checkpoint(run_dir / "checkpoint.pt", device)
     method.load_state_dict(state["model"])
     return cfg, method.to(device).eval()
 

@@ -232,9 +232,7 @@ STALE_AFTER_S = 600     # ... so one silent this long, on another host, has lost
 
 def config_differences(saved: dict, cfg: ExperimentConfig) -> list[str]:
     "Settings of `cfg` that differ from a saved config.json (fields the saved file lacks are not compared)."
-    want = json.loads(cfg.to_json(resolved=False))
-    return [f"{k}={saved[k]!r} (grid wants {v!r})" for k, v in want.items()
-            if k not in _IGNORED_IN_COMPARISON and k in saved and saved[k] != v]
+    return [f"{k}={there!r} (grid wants {v!r})" for k, there, v in cfg.differences(saved, _IGNORED_IN_COMPARISON)]
 
 
 def cell_state(cell: Cell) -> tuple[str, str | None]:

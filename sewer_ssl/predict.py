@@ -25,8 +25,9 @@ from .config import NORM_MEAN, NORM_STD, ExperimentConfig
 from .data import decode_image
 from .evaluate import OPERATING_POINTS, LinearProbe, extract_features, knn_scores
 from .experiment import DETECTOR_FILE
+from .explorers import load_run
 from .files import atomic_write, atomic_write_text
-from .methods import build_method
+from .train import TrainingError
 
 # %% auto #0
 __all__ = ['IMAGE_SUFFIXES', 'PredictError', 'Detector', 'collect_inputs', 'read_images', 'predict', 'triage_report',
@@ -61,13 +62,8 @@ class Detector:
                                + (f"{DETECTOR_FILE} is written by the run's evaluation: run the same command again "
                                   "(it only re-evaluates)" if missing == [DETECTOR_FILE] else
                                   "checkpoint.pt holds the trained weights; train the run (again) to have it"))
-        cfg = ExperimentConfig.from_json((run_dir / "config.json").read_text())
-        method = build_method(cfg)
-        try: state = torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise PredictError(f"{run_dir / 'checkpoint.pt'} cannot be read ({type(e).__name__}); train the run again") from None
-        method.load_state_dict(state["model"])
-        method.to(device).eval()
+        try: cfg, method = load_run(run_dir, device)
+        except TrainingError as e: raise PredictError(str(e)) from None   # a damaged checkpoint, named with the fix
         with np.load(run_dir / DETECTOR_FILE, allow_pickle=False) as f: saved = {k: f[k] for k in f.files}
         thresholds = {name: float(saved[f"threshold__{name}"]) for name in OPERATING_POINTS}
         return cls(cfg, method, LinearProbe.from_state(saved), saved, thresholds, device)

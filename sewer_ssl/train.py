@@ -29,8 +29,8 @@ from .distributed import (all_reduce_gradients, all_reduce_mean_, all_reduce_sum
 
 # %% auto #0
 __all__ = ['PROBE_PREFIX', 'COLLAPSE_FLOOR', 'method_parameters', 'build_optimizer', 'build_scheduler', 'TrainingError',
-           'TrainingInterrupted', 'pick_device', 'memory_format_for', 'relative_feature_std', 'monitor_epoch',
-           'optimisation_step', 'train']
+           'TrainingInterrupted', 'read_checkpoint', 'pick_device', 'memory_format_for', 'relative_feature_std',
+           'monitor_epoch', 'optimisation_step', 'train']
 
 # %% ../nbs/07_train.ipynb #2d43d1ea
 PROBE_PREFIX = "online_probe."  # the online probe has its own optimiser: it is not part of the method
@@ -72,6 +72,14 @@ class TrainingError(RuntimeError):
 class TrainingInterrupted(RuntimeError):
     "SIGTERM or Ctrl-C arrived: a checkpoint was written; run the same command again to resume."
 
+
+def read_checkpoint(path, device="cpu") -> dict:
+    "A checkpoint's tensors (never pickled code); a truncated, empty or foreign file is named with the fix."
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        raise TrainingError(f"{path} is damaged and cannot be read ({type(e).__name__}: {str(e)[:120]}); "
+                            "delete it to train this run afresh (nothing else in the folder is touched)") from None
 
 
 COLLAPSE_FLOOR = 0.05  # relative feature std (1 = isotropic, 0 = every image maps to the same point)
@@ -220,11 +228,7 @@ def train(method: torch.nn.Module, dataset, cfg: ExperimentConfig, run_dir=None,
     history, start_epoch, start_batch = [], 0, 0
     ckpt_path = Path(run_dir) / "checkpoint.pt" if run_dir else None
     if ckpt_path and ckpt_path.exists():
-        try:
-            state = torch.load(ckpt_path, map_location=device, weights_only=True)
-        except (RuntimeError, EOFError, OSError, ValueError) as e:  # truncated, empty or not a checkpoint
-            raise TrainingError(f"{ckpt_path} is damaged and cannot be read ({type(e).__name__}: {str(e)[:120]}); "
-                                "delete it to train this run afresh (nothing else in the folder is touched)") from None
+        state = read_checkpoint(ckpt_path, device)
         if state["signature"] != _train_signature(cfg):
             want = _train_signature(cfg)
             diff = [f"{k}: {state['signature'].get(k)!r} there, {want.get(k)!r} now"
