@@ -5,15 +5,12 @@
 # %% ../nbs/04_backbones.ipynb #3b15bdef
 from __future__ import annotations
 
-import numpy as np
 import timm
 import torch
-from timm.models.vision_transformer import Block
 from torch import nn
 
 # %% auto #0
-__all__ = ['FEATURE_DIMS', 'vit_patch_size', 'create_backbone', 'sincos_pos_embed_2d', 'fix_sincos_pos_embed', 'MAEDecoder',
-           'random_masking', 'mae_encode']
+__all__ = ['FEATURE_DIMS', 'vit_patch_size', 'create_backbone']
 
 # %% ../nbs/04_backbones.ipynb #44c1a4b8
 FEATURE_DIMS = {"resnet18": 512, "vit_tiny": 192}
@@ -38,69 +35,3 @@ def create_backbone(name: str, img_size: int = 224, num_heads: int | None = None
     else:
         raise ValueError(f"unknown backbone {name!r}; choose one of: {', '.join(FEATURE_DIMS)}")
     return model, FEATURE_DIMS[name]
-
-# %% ../nbs/04_backbones.ipynb #938c9869
-def sincos_pos_embed_2d(dim: int, grid: int, cls_token: bool = True) -> torch.Tensor:
-    "Fixed 2-D sine-cosine position embedding `(1, [1 +] grid*grid, dim)` (zeros for the class token)."
-    assert dim % 4 == 0, "the embedding width must be divisible by 4"
-    omega = 1.0 / 10000 ** (np.arange(dim // 4, dtype=np.float64) / (dim / 4))
-    rows, cols = np.meshgrid(np.arange(grid, dtype=np.float64), np.arange(grid, dtype=np.float64), indexing="ij")
-    def encode(pos): return np.concatenate([np.sin(np.outer(pos.ravel(), omega)), np.cos(np.outer(pos.ravel(), omega))], 1)
-    emb = np.concatenate([encode(rows), encode(cols)], axis=1)  # row half, then column half
-    if cls_token: emb = np.concatenate([np.zeros((1, dim)), emb])
-    return torch.from_numpy(emb).float().unsqueeze(0)
-
-
-def fix_sincos_pos_embed(vit: nn.Module) -> nn.Module:
-    "Replace a timm ViT's learned position embedding by the fixed sine-cosine one (in place)."
-    grid = vit.patch_embed.grid_size[0]
-    vit.pos_embed.data.copy_(sincos_pos_embed_2d(vit.pos_embed.shape[-1], grid))
-    vit.pos_embed.requires_grad_(False)
-    return vit
-
-
-class MAEDecoder(nn.Module):
-    "MAE's decoder: visible tokens + mask tokens in image order -> pixel values of every patch."
-    def __init__(self, enc_dim: int, num_patches: int, patch: int, dim: int = 192, depth: int = 12,
-                 heads: int = 12, channels: int = 3):
-        super().__init__()
-        self.embed = nn.Linear(enc_dim, dim)
-        self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
-        nn.init.normal_(self.mask_token, std=0.02)
-        self.register_buffer("pos_embed", sincos_pos_embed_2d(dim, int(num_patches ** 0.5)), persistent=False)
-        self.blocks = nn.Sequential(*[Block(dim, heads, mlp_ratio=4.0, qkv_bias=True) for _ in range(depth)])
-        self.norm = nn.LayerNorm(dim)
-        self.pred = nn.Linear(dim, patch * patch * channels)
-
-    def forward(self, latent, ids_restore):
-        x = self.embed(latent)                       # (B, 1 + visible, dim), class token first
-        b, n_all = x.shape[0], ids_restore.shape[1]
-        masks = self.mask_token.expand(b, n_all + 1 - x.shape[1], -1)
-        seq = torch.cat([x[:, 1:], masks], 1)        # shuffled order: visible first
-        seq = torch.gather(seq, 1, ids_restore.unsqueeze(-1).expand(-1, -1, seq.shape[2]))
-        x = torch.cat([x[:, :1], seq], 1) + self.pos_embed
-        return self.pred(self.norm(self.blocks(x)))[:, 1:]  # drop the class token
-
-
-def random_masking(tokens, mask_ratio: float, generator=None):
-    "Keep a random `1 - mask_ratio` of each image's tokens; returns kept tokens, mask (1 = hidden), ids_restore."
-    b, n, d = tokens.shape
-    keep = int(round(n * (1 - mask_ratio)))
-    noise = torch.rand(b, n, device=tokens.device, generator=generator)
-    ids_shuffle = noise.argsort(1)
-    ids_restore = ids_shuffle.argsort(1)
-    kept = torch.gather(tokens, 1, ids_shuffle[:, :keep].unsqueeze(-1).expand(-1, -1, d))
-    mask = torch.ones(b, n, device=tokens.device)
-    mask[:, :keep] = 0
-    return kept, torch.gather(mask, 1, ids_restore), ids_restore
-
-
-def mae_encode(vit: nn.Module, imgs, mask_ratio: float = 0.75):
-    "Run a timm ViT on a random visible subset of patches: (latent incl. class token, mask, ids_restore)."
-    x = vit.patch_embed(imgs)
-    if x.ndim == 4: x = x.flatten(1, 2)  # dynamic-size ViTs return (B, H, W, D)
-    x = x + vit.pos_embed[:, 1:]
-    x, mask, ids_restore = random_masking(x, mask_ratio)
-    cls = (vit.cls_token + vit.pos_embed[:, :1]).expand(x.shape[0], -1, -1)
-    x = vit.norm(vit.blocks(vit.norm_pre(torch.cat([cls, x], 1))))
-    return x, mask, ids_restore

@@ -27,11 +27,11 @@ from torch import nn
 from . import augment
 from .backbones import create_backbone
 from .config import BACKBONE_ONLY, BACKBONES, METHODS, NORM_MEAN, NORM_STD, ConfigError, ExperimentConfig
-from .losses import barlow_twins_loss, byol_loss, dino_loss, mae_loss, nt_xent_loss, patchify
-from .methods import METHOD_REGISTRY, build_method
+from .losses import barlow_twins_loss, byol_loss, dino_loss, nt_xent_loss
+from .methods import METHOD_REGISTRY, build_method, mae_loss, patchify
 from .files import atomic_write
 from .train import (build_optimizer, memory_format_for, method_parameters,
-                             optimisation_step, pick_device)
+                             optimisation_step, pick_device, autocast_dtype, precision_name)
 
 # %% auto #0
 __all__ = ['LIGHTLY_HINT', 'LIGHTLY_METHODS', 'STEPS_PER_EPOCH', 'PAPER_EPOCHS', 'SUMMARY', 'require_lightly',
@@ -269,12 +269,12 @@ STEPS_PER_EPOCH, PAPER_EPOCHS = 1000, 45  # where the step counter sits: epoch 1
 
 def train_step(model: nn.Module, opt: torch.optim.Optimizer, views, labels, step: int,
                grad_clip: float | None = None, probe_opt: torch.optim.Optimizer | None = None,
-               clip_params: list | None = None) -> torch.Tensor:
+               clip_params: list | None = None, dtype: torch.dtype | None | str = "auto") -> torch.Tensor:
     """One training step: `train`'s own `optimisation_step` (with our methods' online probe when
     `probe_opt` is given), the step counter placed as `train` would; returns the detached loss without a
     host sync. `clip_params`: `method_parameters(model)`, listed once."""
     model.on_step_start(step, STEPS_PER_EPOCH, PAPER_EPOCHS * STEPS_PER_EPOCH)
-    return optimisation_step(model, opt, views, labels, probe_opt, grad_clip, clip_params)[0]["loss"]
+    return optimisation_step(model, opt, views, labels, probe_opt, grad_clip, clip_params, dtype=dtype)[0]["loss"]
 
 
 def _sync(device):
@@ -374,11 +374,12 @@ def _median(xs): return float(np.median(xs)) if xs else float("nan")
 
 def benchmark_config(method: str, backbone: str, img_size: int = 64, batch: int = 64, steps: int = 10,
                      warmup: int = 2, device="cpu", block: int | None = None, compare: bool = True,
-                     e2e: bool = True, seed: int = 0) -> dict:
+                     e2e: bool = True, seed: int = 0, precision: str = "auto") -> dict:
     """Time one method x backbone: ours and lightly's step on the same pre-made views, and (with `e2e`)
     each step again with its views made from uint8 images at every step, as each library makes them.
-    One row of the table."""
+    One row of the table. Both implementations run at the same `precision` (`train.autocast_dtype`)."""
     device = pick_device(str(device))
+    dtype = autocast_dtype(device, precision)
     cuda = device.type == "cuda"
     block = block or (min(5, steps) if cuda else 1)
     cfg = ExperimentConfig(method=method, backbone=backbone, img_size=img_size, batch_size=batch, epochs=1,
@@ -404,7 +405,7 @@ def benchmark_config(method: str, backbone: str, img_size: int = 64, batch: int 
     clip_params = {k: method_parameters(m) for k, m in models.items()}  # listed once, as `train` does
     # ours clips inside the method (DINO's per-parameter rule); lightly's arm clips in the step
     step_of = lambda k, v: train_step(models[k], opts[k], v, labels, next(counters[k]), None if k == "ours" else grad_clip,
-                                      probe_opt if k == "ours" else None, clip_params[k])
+                                      probe_opt if k == "ours" else None, clip_params[k], dtype)
     arms = {k: (lambda k=k: step_of(k, views)) for k in models}
     makers = {}
     if e2e:
@@ -453,6 +454,7 @@ def benchmark_config(method: str, backbone: str, img_size: int = 64, batch: int 
     row["e2e_views"] = makers["ours"][1] if "ours" in makers else ""
     row["lightly_e2e_views"] = makers["lightly"][1] if "lightly" in makers else ""
     row["memory_format"] = str(fmt).removeprefix("torch.")
+    row["precision"] = precision_name(dtype)
     return row
 
 

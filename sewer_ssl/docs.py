@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import argparse
 import configparser
+import hashlib
+import json
 import html
 import os
 import posixpath
@@ -21,9 +23,10 @@ import nbformat
 from .files import atomic_write_text, project_root, temporary_sibling
 
 # %% auto #0
-__all__ = ['README_NOTE', 'DOCS_MARKER', 'nbs_dir', 'notebook_paths', 'notebook_info', 'cell_directives', 'strip_directives',
-           'rebase_link', 'rebase_markdown_links', 'render_readme', 'write_readme', 'docs_notebook', 'execute_notebook',
-           'render_page', 'rewrite_links', 'nav_bar', 'contents', 'build_docs', 'main']
+__all__ = ['README_NOTE', 'DOCS_MARKER', 'STAMP_KEY', 'TEST_BUDGET', 'FULL_BUDGET', 'nbs_dir', 'notebook_paths', 'notebook_info',
+           'cell_directives', 'strip_directives', 'rebase_link', 'rebase_markdown_links', 'render_readme',
+           'write_readme', 'docs_notebook', 'local_kernel_manager', 'execute_notebook', 'render_page', 'rewrite_links',
+           'nav_bar', 'contents', 'build_docs', 'code_fingerprint', 'execute_in_place', 'output_problems', 'main']
 
 # %% ../nbs/15_docs.ipynb #82bc0fa6
 def _settings(root: Path) -> configparser.SectionProxy:
@@ -176,13 +179,29 @@ def _strip_for_reading(nb):
     return nb
 
 
+def local_kernel_manager():
+    """A kernel manager whose kernel talks over local IPC sockets in the temporary folder: no TCP port opens,
+    so the kernel's unencrypted-TCP warning (which no user can act on) does not apply. TCP on Windows."""
+    import tempfile, uuid
+    from jupyter_client.manager import AsyncKernelManager
+    if os.name == "nt": return AsyncKernelManager
+
+    class IPCKernelManager(AsyncKernelManager):
+        def __init__(self, **kw):
+            super().__init__(**kw)
+            self.transport = "ipc"
+            self.ip = str(Path(tempfile.gettempdir()) / f"sewer-ssl-kernel-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    return IPCKernelManager
+
+
 def execute_notebook(nb, folder, timeout: int = 1800, env: dict | None = None):
     "Run `nb` in place with nbclient from `folder`; returns None or the error message."
     from nbclient import NotebookClient
     kernel_env = {**os.environ, "IN_TEST": "1", "HF_HUB_OFFLINE": "1",
                   "MPLBACKEND": "module://matplotlib_inline.backend_inline", "PYDEVD_DISABLE_FILE_VALIDATION": "1",
                   **(env or {})}
-    client = NotebookClient(nb, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": str(folder)}})
+    client = NotebookClient(nb, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": str(folder)}},
+                            kernel_manager_class=local_kernel_manager())
     try:
         client.execute(env=kernel_env)
     except Exception as e:  # a failing cell: keep what ran, report the error
@@ -321,6 +340,66 @@ def build_docs(out="_docs", execute: bool = False, nbs=None, notebooks=None, fla
         shutil.rmtree(tmp, ignore_errors=True)
     return {"out": out, "pages": [pages[p] for p in all_paths if p in wanted], "failed": failed}
 
+# %% ../nbs/15_docs.ipynb #f78196ed
+STAMP_KEY = "sewer_ssl"
+TEST_BUDGET = "IN_TEST=1: the test budget; slow and cuda cells not run"
+FULL_BUDGET = "IN_TEST unset: the full analysis of the committed runs; slow cells (that train) and cuda cells not run"
+
+
+def code_fingerprint(nb) -> str:
+    "SHA-1 of a notebook's code cells' sources, in order: changes when any code changes, not with outputs."
+    h = hashlib.sha1()
+    for c in nb["cells"]:
+        if c["cell_type"] == "code":
+            src = c["source"] if isinstance(c["source"], str) else "".join(c["source"])
+            h.update(src.strip().encode() + b"\0")
+    return h.hexdigest()
+
+
+def execute_in_place(path, full: bool = False, timeout: int = 1800) -> str | None:
+    """Run the notebook at `path` and write it back with its outputs and a stamp; returns None or the
+    error (the notebook is then left as it was)."""
+    path = Path(path).resolve()
+    original = nbformat.read(path, as_version=4)
+    nb = docs_notebook(original, ("slow", "cuda"), execute=True)
+    error = execute_notebook(nb, path.parent, timeout, env={"IN_TEST": ""} if full else None)
+    if error: return error
+    for c in nb.cells:   # the tags docs_notebook added for the run are not part of the notebook
+        tags = [t for t in c.metadata.get("tags", []) if t != "skip-execution"]
+        if tags: c.metadata["tags"] = tags
+        else: c.metadata.pop("tags", None)
+    nb.metadata[STAMP_KEY] = {"executed": FULL_BUDGET if full else TEST_BUDGET, "code_sha1": code_fingerprint(nb)}
+    atomic_write_text(path, nbformat.writes(nb) + "\n")
+    return None
+
+
+def _shows_result(nb) -> bool:
+    "Whether any output is a figure or a table (an image, an HTML table, or a printed DataFrame)."
+    for c in nb["cells"]:
+        for o in c.get("outputs", []):
+            data = o.get("data", {})
+            if any(k.startswith("image/") for k in data) or "<table" in "".join(data.get("text/html", "")):
+                return True
+    return False
+
+
+def output_problems(path, nbs=None) -> list[str]:
+    "What is wrong with the committed outputs of the notebook at `path` (empty: nothing)."
+    path = Path(path)
+    nb = json.loads(path.read_text(encoding="utf-8"))
+    name = path.relative_to(nbs).as_posix() if nbs else path.name
+    fix = f"run: python -m sewer_ssl.docs execute {name}"
+    code = [c for c in nb["cells"] if c["cell_type"] == "code"]
+    if not code: return []
+    problems = []
+    if not any(c.get("outputs") for c in code): problems.append(f"{name}: no outputs; {fix}")
+    stamp = nb.get("metadata", {}).get(STAMP_KEY, {})
+    if stamp.get("code_sha1") != code_fingerprint(nb):
+        problems.append(f"{name}: its outputs predate its code ({'no stamp' if not stamp else 'code changed since'}); {fix}")
+    numbered = path.parent.name == "nbs" and path.name[0].isdigit()
+    if numbered and not _shows_result(nb): problems.append(f"{name}: a chapter without a figure or table in its outputs")
+    return problems
+
 # %% ../nbs/15_docs.ipynb #b3d30bca
 def main(argv=None) -> int:
     "`python -m sewer_ssl.docs {build,readme}`."
@@ -333,9 +412,33 @@ def main(argv=None) -> int:
     b.add_argument("--flags", nargs="*", default=[], help="test flags whose cells run too when executing (e.g. slow)")
     b.add_argument("--timeout", type=int, default=1800, help="seconds per cell when executing")
     b.add_argument("notebooks", nargs="*", help="only these notebooks (paths relative to nbs/); default: all")
+    x = sub.add_parser("execute", help="run notebooks in place and commit-ready: outputs kept, a stamp of the code")
+    x.add_argument("notebooks", nargs="*", help="paths relative to nbs/; default: every notebook")
+    x.add_argument("--full", action="store_true", help="IN_TEST unset (slow and cuda cells still skipped)")
+    x.add_argument("--timeout", type=int, default=1800, help="seconds per cell")
+    k = sub.add_parser("check-outputs", help="exit 1 when a notebook has no outputs or outputs older than its code")
+    k.add_argument("notebooks", nargs="*", help="paths relative to nbs/; default: every notebook")
     r = sub.add_parser("readme", help="write README.md from nbs/index.ipynb")
     r.add_argument("--check", action="store_true", help="do not write; exit 1 when README.md is out of date")
     args = p.parse_args(argv)
+    if args.command in ("execute", "check-outputs"):
+        nbs = nbs_dir()
+        paths = [nbs / n for n in args.notebooks] if getattr(args, "notebooks", None) else notebook_paths(nbs)
+        missing = [str(q) for q in paths if not q.is_file()]
+        if missing: print(f"error: no such notebook: {', '.join(missing)}", file=sys.stderr); return 2
+        if args.command == "check-outputs":
+            problems = [m for q in paths for m in output_problems(q, nbs)]
+            for m in problems: print(m, file=sys.stderr)
+            print(f"{len(paths)} notebooks checked, {len(problems)} problem(s)")
+            return 1 if problems else 0
+        failed = 0
+        for q in paths:
+            t0 = time.perf_counter()
+            error = execute_in_place(q, args.full, args.timeout)
+            print(f"{'FAILED' if error else 'ok':6s} {q.relative_to(nbs)} ({time.perf_counter() - t0:.0f} s)"
+                  + (f": {error.splitlines()[0]}" if error else ""), flush=True)
+            failed += bool(error)
+        return 1 if failed else 0
     if args.command == "readme":
         root = project_root()
         if args.check:

@@ -5,6 +5,7 @@
 # %% ../nbs/16_evidence.ipynb #4feb9888
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +14,7 @@ from scipy.stats import spearmanr
 
 # %% auto #0
 __all__ = ['weighted_auroc', 'bootstrap_weights', 'contrast', 'paired_difference', 'mean_auroc_ci', 'spearman_ci', 'verdict',
-           'load_scores']
+           'run_precision', 'load_scores']
 
 # %% ../nbs/16_evidence.ipynb #3bbd718d
 def weighted_auroc(y, scores, weights=None) -> np.ndarray:
@@ -120,9 +121,23 @@ def verdict(ci_low: float, ci_high: float, learned: bool = True) -> str:
     return "inconclusive"
 
 # %% ../nbs/16_evidence.ipynb #65068eb6
+def run_precision(run_dir) -> str:
+    """The precision a run trained at: `precision` in its metrics.json; a run from before that was recorded
+    trained in bf16 on a GPU and in fp32 on a CPU (autocast was on for CUDA only)."""
+    m = json.loads((Path(run_dir) / "metrics.json").read_text()) if (Path(run_dir) / "metrics.json").is_file() else {}
+    return m.get("precision") or ("bf16" if str(m.get("device", "cpu")).startswith("cuda") else "fp32")
+
+
 def load_scores(run_dirs, score: str = "logit__linear_probe") -> tuple[np.ndarray, pd.DataFrame]:
-    "(labels, N x runs table of `score`) from the `test_scores.npz` of `run_dirs` (columns: folder names)."
-    labels, names, cols = None, None, {}
+    """(labels, N x runs table of `score`) from the `test_scores.npz` of `run_dirs` (columns: folder names).
+    Runs trained at different precisions are refused: a comparison never mixes them."""
+    run_dirs, labels, names, cols = list(run_dirs), None, None, {}
+    precisions = {Path(d).name: run_precision(d) for d in run_dirs}
+    if len(set(precisions.values())) > 1:
+        raise ValueError(f"these runs trained at different precisions ({precisions}); compare runs of one "
+                         "precision (set precision='fp32' or 'bf16' in the config of every run)")
+    if len({Path(d).name for d in run_dirs}) < len(list(run_dirs)):
+        raise ValueError("two run folders share a name; load each group of runs with its own call")
     for d in map(Path, run_dirs):
         with np.load(d / "test_scores.npz", allow_pickle=False) as f:
             if score not in f.files:

@@ -30,7 +30,7 @@ from .metrics import alpha_exponent, lidar, rankme
 from .methods import build_method
 from .distributed import barrier, init_distributed, is_main_process
 from .files import atomic_write, atomic_write_text, project_root, read_json, sweep_temporaries
-from .train import TrainingInterrupted, train
+from .train import TrainingInterrupted, autocast_dtype, precision_name, train
 
 from sklearn.metrics import roc_auc_score
 
@@ -144,6 +144,14 @@ def run_experiment(cfg: ExperimentConfig, progress: bool = True, workers: int | 
     if main: cache.ensure(needed, workers=workers, progress=progress)  # one process decodes, then the
     barrier()                                                           # others find the cache complete
     if not main: cache.ensure(needed, workers=1, progress=False)
+    # crops are cut from a sharper copy when cache_size > img_size, as the authors crop the decoded
+    # original; evaluation, the controls and the monitor keep the img_size cache (the whole image, resized)
+    crop_cache = cache
+    if cfg.cache_size and cfg.cache_size != cfg.img_size:
+        crop_cache = ImageCache.for_index(index, cfg.cache_size, cache_dir=resolve("outputs/cache"))
+        if main: crop_cache.ensure(train_df.Filename, workers=workers, progress=progress)
+        barrier()
+        if not main: crop_cache.ensure(train_df.Filename, workers=1, progress=False)
     n_pos = int(train_df.Defect.sum())
     pos_weight = (len(train_df) - n_pos) / max(n_pos, 1)
     torch.manual_seed(cfg.seed)
@@ -159,7 +167,7 @@ def run_experiment(cfg: ExperimentConfig, progress: bool = True, workers: int | 
 
     # -- training ------------------------------------------------------------------------------
     # the loader moves uint8 images; the views are made in batches on the training device
-    dataset = CachedImages(cache.images, cache.rows(train_df.Filename), train_df.Defect.to_numpy())
+    dataset = CachedImages(crop_cache.images, crop_cache.rows(train_df.Filename), train_df.Defect.to_numpy())
     augment = device_views_for(cfg, method.n_views)
     # a fixed sample of the validation pool is scored after every epoch (online probe, feature health)
     mon = val_pool.sample(min(MONITOR_IMAGES, len(val_pool)), random_state=PAPER_SEED)
@@ -256,7 +264,7 @@ def run_experiment(cfg: ExperimentConfig, progress: bool = True, workers: int | 
         "train_p": cfg.train_p, "action": action, "splits": describe_splits(splits).reset_index().to_dict("records"),
         "final_loss": float(history.loss.iloc[-5:].mean()) if len(history) else None,
         "train_seconds": round(train_seconds, 2), "total_seconds": round(time.perf_counter() - t_start, 2),
-        "device": str(device), "val_auroc": val_auroc, **label_free, **_last_epoch(history), "rows": metrics.to_dict("records"),
+        "device": str(device), "precision": precision_name(autocast_dtype(device, cfg.precision)), "val_auroc": val_auroc, **label_free, **_last_epoch(history), "rows": metrics.to_dict("records"),
         "operating_points": {"chosen_on": "validation pool", "target_recall": cfg.target_recall, "thresholds": points,
                              "rows": point_rows},
     }
@@ -324,9 +332,13 @@ def main(argv=None) -> dict:
     "Command-line entry point: `python -m sewer_ssl.experiment key=value ...`."
     import argparse
     import sys
+    from sewer_ssl.config import BUDGETS, DEFAULT_BUDGET, METHODS
+    budgets = "; ".join(f"{name} ({', '.join(f'{k}={v}' for k, v in b.items())})" for name, b in BUDGETS.items())
     parser = argparse.ArgumentParser(prog="python -m sewer_ssl.experiment",
-                                     description="Train and evaluate one configuration (see ExperimentConfig).")
-    parser.add_argument("settings", nargs="*", help="key=value pairs, e.g. method=dino epochs=45")
+                                     description="Train and evaluate one configuration (see ExperimentConfig).",
+                                     epilog=f"methods: {', '.join(METHODS)}. budget=NAME sets img_size, epochs and "
+                                            f"batch_size (default {DEFAULT_BUDGET}; explicit values win): {budgets}.")
+    parser.add_argument("settings", nargs="*", help="key=value pairs, e.g. method=dino budget=paper epochs=30")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     cfg = config_from(parse_overrides(args.settings))

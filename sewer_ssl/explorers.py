@@ -20,9 +20,9 @@ from PIL import Image
 from sklearn.metrics import average_precision_score, precision_recall_curve
 
 from .augment import DeviceViews, normalize, sample_crop_boxes
-from .backbones import mae_encode
+from .methods import mae_encode
 from .config import CODE_NAMES, CODES, NORM_MEAN, NORM_STD, PAPER_MIN_SCALE, PAPER_T_VAL, ExperimentConfig
-from .losses import mae_loss, patchify, unpatchify
+from .methods import mae_loss, patchify, unpatchify
 from .metrics import binary_metrics
 
 # %% auto #0
@@ -103,9 +103,13 @@ class Explorer(widgets.VBox):
 
 
 def _slider(value, lo, hi, step, description, integer=False):
-    cls = widgets.IntSlider if integer else widgets.FloatSlider
-    return cls(value=value, min=lo, max=hi, step=step, description=description, continuous_update=False,
-               style={"description_width": "initial"})
+    if integer:
+        return widgets.IntSlider(value=value, min=lo, max=hi, step=step, description=description,
+                                 continuous_update=False, style={"description_width": "initial"})
+    # as many decimals as the step has (2 to 4): the default '.2f' would round the paper's crop scale
+    decimals = int(np.clip(-np.floor(np.log10(step) + 1e-9), 2, 4))
+    return widgets.FloatSlider(value=value, min=lo, max=hi, step=step, description=description, continuous_update=False,
+                               readout_format=f".{decimals}f", style={"description_width": "initial"})
 
 
 def _explore(draw, controls: dict, static, dpi: int = 90):

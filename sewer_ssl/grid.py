@@ -10,6 +10,7 @@ import contextlib
 import dataclasses
 import itertools
 import json
+import logging
 import os
 import shutil
 import socket
@@ -28,16 +29,18 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from .docs import local_kernel_manager
 from .files import atomic_write_text, process_alive, project_root, read_json, sweep_temporaries
 from .config import (BACKBONE_ONLY, BACKBONES, METHODS, PAPER_MIN_SCALE, PAPER_T_VAL, PROPORTIONS, ConfigError,
                               ExperimentConfig)
 
 # %% auto #0
 __all__ = ['AUG_MIN_SCALES', 'AUG_T_VALS', 'RESOLUTIONS', 'NO_AUGMENTATION', 'PAPER_BUDGET', 'STUDY_BUDGET', 'STUDY_EPOCHS',
-           'STUDY_SEEDS', 'NOTEBOOK_PARAMETERS', 'GRIDS', 'HEARTBEAT_S', 'STALE_AFTER_S', 'ID_COLUMNS', 'GridError',
-           'GridSpec', 'grid_coordinates', 'Cell', 'build_cells', 'config_differences', 'cell_state',
-           'default_notebook', 'run_cell', 'prepare_data', 'visible_gpus', 'worker_env', 'write_grid_status',
-           'run_grid', 'run_rows', 'results_table', 'write_results_table', 'build_parser', 'main']
+           'STUDY_SEEDS', 'NOTEBOOK_PARAMETERS', 'GRIDS', 'HEARTBEAT_S', 'STALE_AFTER_S', 'SLURM_ALIVE', 'ID_COLUMNS',
+           'GridError', 'GridSpec', 'grid_coordinates', 'Cell', 'build_cells', 'config_differences', 'cell_state',
+           'default_notebook', 'slurm_job_id', 'run_cell', 'prepare_data', 'visible_gpus', 'worker_env',
+           'write_grid_status', 'slurm_job_states', 'slurm_resources', 'run_grid', 'run_rows', 'results_table',
+           'write_results_table', 'build_parser', 'main']
 
 # %% ../nbs/11_grid.ipynb #3a95e96f
 class GridError(ValueError):
@@ -48,15 +51,18 @@ AUG_MIN_SCALES = (0.08, 0.185, 0.29, PAPER_MIN_SCALE, 0.5)   # the paper's Figur
 AUG_T_VALS = (0.1, PAPER_T_VAL, 0.45, 0.625, 0.8)            # ... and columns
 RESOLUTIONS = (64, 128, 224, 384, 512)
 NO_AUGMENTATION = dict(min_scale=1.0, t_val=0.0, flip=False)  # the whole image, no jitter, no mirror
-PAPER_BUDGET = dict(img_size=224, epochs=45, batch_size=256, seed=42)
-# the replication study's budget on a 2-core CPU (nbs/studies/replication.ipynb): 32 px, at most 1,000
-# training images, the whole of each (small) CSV; the epochs come from the pilot grid's curve
-STUDY_BUDGET = dict(img_size=32, batch_size=64, sample_frac=1.0, max_train=1000)
-STUDY_EPOCHS = 6   # the pilot: +0.02 validation AUROC per doubling from 3 to 24 epochs
+from .config import BUDGETS, DEFAULT_BUDGET
+PAPER_BUDGET = dict(BUDGETS["paper"], seed=42)   # the grids' default: the paper's sizes, from the one table of budgets
+# the replication study's budget on a 2-core CPU (nbs/studies/replication.ipynb): the `study` budget's
+# 32 px, at most 1,000 training images, the whole of each (small) CSV; its epochs come from the pilot
+# grid's curve (+0.02 validation AUROC per doubling from 3 to 24 epochs), so the pilot leaves them out
+STUDY_BUDGET = dict({k: v for k, v in BUDGETS["study"].items() if k != "epochs"}, budget="study", sample_frac=1.0,
+                    max_train=1000)
+STUDY_EPOCHS = BUDGETS["study"]["epochs"]
 STUDY_SEEDS = (42, 43, 44)
 # run.ipynb's parameters cell; every other ExperimentConfig field travels in its `options` dict
-NOTEBOOK_PARAMETERS = ("method", "backbone", "dataset", "data_dir", "train_p", "test_ps", "img_size", "epochs",
-                       "batch_size", "seed", "out_dir", "run_id", "device")
+NOTEBOOK_PARAMETERS = ("method", "backbone", "dataset", "data_dir", "train_p", "test_ps", "budget", "img_size",
+                       "epochs", "batch_size", "seed", "out_dir", "run_id", "device")
 # config fields ExperimentConfig.name already spells out; other axes are appended to the run id
 _NAMED_FIELDS = ("method", "backbone", "dataset", "train_p", "img_size", "seed")
 _SHORT = {"min_scale": "ms", "t_val": "tv"}
@@ -165,10 +171,14 @@ def _merge_settings(base: dict, extra: dict | None) -> dict:
 
 def build_cells(grid: str | GridSpec, *, outputs="outputs", out_dir=None, dataset: str = "synthetic",
                 data_dir=None, test_ps=PROPORTIONS, epochs: int | None = None, batch_size: int | None = None,
-                settings: dict | None = None, **axes) -> list[Cell]:
+                settings: dict | None = None, budget: str = "paper", **axes) -> list[Cell]:
     """The cells of `grid` (a name in GRIDS or a GridSpec). `axes` (method, backbone, train_p, img_size,
     min_scale, t_val, seed, ...) replace the grid's values on that axis or add an axis; `settings` are
-    further ExperimentConfig fields shared by every cell. Relative paths are taken from the project root."""
+    further ExperimentConfig fields shared by every cell. `budget` (a name in BUDGETS) sizes the cells
+    where the grid, `epochs`, `batch_size`, `settings` or an axis do not. Relative paths are taken from
+    the project root."""
+    budget = _merge_settings({}, settings).get("budget", budget)
+    if budget not in BUDGETS: raise GridError(f"unknown budget {budget!r}; choose one of: {', '.join(BUDGETS)}")
     if isinstance(grid, str):
         if grid not in GRIDS: raise GridError(f"unknown grid {grid!r}; choose one of: {', '.join(GRIDS)}")
         grid = GRIDS[grid]
@@ -176,7 +186,8 @@ def build_cells(grid: str | GridSpec, *, outputs="outputs", out_dir=None, datase
     outputs = root / Path(outputs).expanduser()          # an absolute `outputs` stays as it is
     runs = root / Path(out_dir).expanduser() if out_dir else outputs / "runs" / grid.name
     data = root / Path(data_dir).expanduser() if data_dir else root / "outputs" / "data" / dataset
-    base = _merge_settings(dict(PAPER_BUDGET, dataset=dataset, data_dir=str(data), test_ps=list(test_ps)), grid.fixed)
+    base = _merge_settings(dict(BUDGETS[budget], budget=budget, seed=PAPER_BUDGET["seed"], dataset=dataset,
+                                data_dir=str(data), test_ps=list(test_ps)), grid.fixed)
     if epochs is not None: base["epochs"] = epochs           # the command line wins over the grid's budget
     if batch_size is not None: base["batch_size"] = batch_size
     base = _merge_settings(base, settings)
@@ -258,7 +269,12 @@ def cell_state(cell: Cell) -> tuple[str, str | None]:
             return "interrupted", (f"its worker on {st.get('host')} (pid {st.get('pid')}) has sent no heartbeat for "
                                    f"{silent / 60:.0f} min; taken over")
         return "running", f"on {st.get('host')} (pid {st.get('pid')}) since {st.get('started')}"
-    if state == "submitted": return "submitted", f"job {st.get('job_id')} submitted {st.get('started')}"
+    if state == "submitted":
+        # marked just before sbatch: without a job id, only a submitting process still at work explains it
+        if st.get("job_id") is None and (st.get("host") is None or (st.get("host") == socket.gethostname()
+                                                                   and not process_alive(st.get("pid")))):
+            return "interrupted", "its submission to SLURM never returned a job id; it runs again"
+        return "submitted", f"job {st.get('job_id')} submitted {st.get('started')}"
     if state == "failed": return "failed", st.get("error")
     return "pending", None
 
@@ -291,20 +307,6 @@ def _describe_error(e: BaseException) -> str:
     return f"{type(e).__name__}: {e}"
 
 
-def _local_kernel_manager():
-    """A kernel manager whose kernel talks over local IPC sockets in the temporary folder: no TCP port opens,
-    so the kernel's unencrypted-TCP warning (which no user can act on) does not apply. TCP on Windows."""
-    from jupyter_client.manager import AsyncKernelManager
-    if os.name == "nt": return AsyncKernelManager
-
-    class IPCKernelManager(AsyncKernelManager):
-        def __init__(self, **kw):
-            super().__init__(**kw)
-            self.transport = "ipc"
-            self.ip = str(Path(tempfile.gettempdir()) / f"sewer-ssl-kernel-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    return IPCKernelManager
-
-
 def _heartbeat(path: Path, stop: threading.Event, every: float = HEARTBEAT_S) -> None:
     "Touch `path` every `every` seconds until `stop` is set: the sign, seen from other hosts, that a worker lives."
     while not stop.wait(every):
@@ -312,15 +314,23 @@ def _heartbeat(path: Path, stop: threading.Event, every: float = HEARTBEAT_S) ->
         except OSError: pass
 
 
+def slurm_job_id() -> str | None:
+    "This process's SLURM job as squeue names it: 123_4 for task 4 of array 123, else the job id (None outside SLURM)."
+    array, task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
+    return f"{array}_{task}" if array and task else os.environ.get("SLURM_JOB_ID")
+
+
 def run_cell(cell: Cell, notebook=None, env: dict | None = None) -> dict:
     "Execute run.ipynb for `cell` into its run folder; returns (and writes) the cell's status record."
     import papermill as pm   # imported on use: the worker processes need it, listing a grid does not
     run_dir = cell.run_dir
+    if cell_state(cell)[0] == "done":   # a job SLURM requeued (node failure) after its cell had finished
+        return {**(read_json(run_dir / "cell_status.json") or {}), "run_id": cell.run_id, "status": "done"}
     run_dir.mkdir(parents=True, exist_ok=True)
     env = {"IN_TEST": None, **(env or {})}
     record = dict(run_id=cell.run_id, grid=cell.grid, coords=cell.coords, settings=cell.settings, status="running",
                   host=socket.gethostname(), pid=os.getpid(), gpu=env.get("CUDA_VISIBLE_DEVICES"),
-                  slurm_job=os.environ.get("SLURM_JOB_ID"), notebook=str(run_dir / "run.ipynb"),
+                  slurm_job=slurm_job_id(), notebook=str(run_dir / "run.ipynb"),
                   started=time.strftime("%Y-%m-%dT%H:%M:%S"), error=None)
     atomic_write_text(run_dir / "cell_status.json", json.dumps(record, indent=1))
     t0 = time.perf_counter()
@@ -330,7 +340,7 @@ def run_cell(cell: Cell, notebook=None, env: dict | None = None) -> dict:
         with _environ(env):
             pm.execute_notebook(str(notebook or default_notebook()), record["notebook"], parameters=cell.params(),
                                 kernel_name="python3", cwd=str(project_root(Path(notebook or default_notebook()).parent)),
-                                progress_bar=False, kernel_manager_class=_local_kernel_manager())
+                                progress_bar=False, kernel_manager_class=local_kernel_manager())
         if not (run_dir / "metrics.json").is_file():
             raise GridError("the notebook finished without writing metrics.json")
         record["status"] = "done"
@@ -447,7 +457,175 @@ def _submitit():
     except ImportError:
         raise GridError("--slurm needs the submitit package: pip install submitit "
                         "(or pip install -e '.[slurm]')") from None
+    _quiet_sacct_warnings()
     return submitit
+
+
+class _OnceFilter(logging.Filter):
+    "Lets the first of submitit's 'Bypassing sacct error' warnings through: on a cluster without accounting it repeats every few seconds."
+    seen = False
+
+    def filter(self, record) -> bool:
+        if "Bypassing sacct error" not in record.getMessage(): return True
+        if type(self).seen: return False
+        type(self).seen = True
+        record.msg, record.args = (f"{record.getMessage()} (sacct fails on a cluster without accounting; the grid "
+                                   "follows its jobs with squeue, and this warning is not repeated)"), ()
+        return True
+
+
+def _quiet_sacct_warnings():
+    log_ = logging.getLogger("submitit")
+    if not any(isinstance(f, _OnceFilter) for f in log_.filters): log_.addFilter(_OnceFilter())
+
+
+# squeue states of a job that may still finish its cell
+SLURM_ALIVE = ("PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "SUSPENDED", "REQUEUED", "REQUEUE_HOLD",
+               "REQUEUE_FED", "RESIZING", "SIGNALING", "STAGE_OUT", "STOPPED")
+# pending reasons no wait resolves (the job asks more than the partition has), with the option to change
+_HOPELESS_REASONS = {"PartitionConfig": "--cpus-per-task, --mem-gb or --gpus-per-task",
+                     "PartitionNodeLimit": "--cpus-per-task or --mem-gb", "PartitionTimeLimit": "--time",
+                     "BadConstraints": "--cpus-per-task, --mem-gb or --gpus-per-task"}
+# sbatch's refusals, and the option that fixes each
+_SBATCH_FIXES = (("generic resource", "--gpus-per-task 0, or a --partition whose nodes have GPUs (sinfo -o '%P %G')"),
+                 ("gres", "--gpus-per-task 0, or a --partition whose nodes have GPUs (sinfo -o '%P %G')"),
+                 ("invalid partition", "--partition (sinfo lists the partitions)"),
+                 ("time limit", "--time (minutes; sinfo -o '%P %l' gives each partition's limit)"),
+                 ("memory", "--mem-gb"),
+                 ("node configuration is not available", "--cpus-per-task, --mem-gb or --gpus-per-task (sinfo -o '%P %c %m %G')"),
+                 ("account", "the SLURM account (SBATCH_ACCOUNT)"),
+                 ("unable to contact slurm controller", "nothing in the grid: the controller does not answer (scontrol ping); run again later"))
+
+
+def _run(argv: list[str], timeout: float = 60) -> subprocess.CompletedProcess | None:
+    try: return subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+    except (OSError, subprocess.SubprocessError): return None
+
+
+def slurm_job_states(job_ids) -> dict | None:
+    """{job id: (state, reason)} for those of `job_ids` (array tasks as 123_4) that squeue still lists, finished
+    ones included while the controller keeps them; a job it no longer lists has ended. sacct, where the
+    cluster keeps accounting, names how a job squeue has forgotten ended. None where squeue does not answer."""
+    ids = sorted({str(j) for j in job_ids if j})
+    if not ids: return {}
+    if not shutil.which("squeue"): return None
+    bases = sorted({j.split("_")[0] for j in ids})
+    r = _run(["squeue", "-h", "-r", "-t", "all", "-o", "%i|%A|%T|%r", "-j", ",".join(bases)])
+    if r is None: return None
+    if r.returncode != 0 and "invalid job id" not in r.stderr.lower():   # that one: no id is still listed
+        return None
+    known = {}
+    for line in r.stdout.splitlines():
+        parts = line.strip().split("|")
+        if len(parts) == 4: known[parts[0]] = known[parts[1]] = (parts[2], parts[3])
+    missing = [j for j in ids if j not in known]
+    if missing and shutil.which("sacct"):
+        acct = _run(["sacct", "-n", "-X", "-P", "-o", "JobID,State", *[a for j in missing for a in ("-j", j)]])
+        for line in (acct.stdout.splitlines() if acct is not None and acct.returncode == 0 else []):
+            parts = line.strip().split("|")
+            if len(parts) == 2: known.setdefault(parts[0], (parts[1].split()[0], "sacct"))
+    return {j: known[j] for j in ids if j in known}
+
+
+def _slurm_job_of(cell: Cell) -> str | None:
+    "The SLURM job a submitted or running cell waits on (None for a cell run outside SLURM)."
+    st = read_json(cell.run_dir / "cell_status.json") or {}
+    job = st.get("job_id") if st.get("status") == "submitted" else st.get("slurm_job")
+    return str(job) if job else None
+
+
+def _slurm_takeover(cells, states: dict, log) -> None:
+    "Cells waiting on a SLURM job that squeue no longer lists as alive become interrupted (in `states`)."
+    waiting = {c.run_id: job for c in cells if states[c.run_id][0] in ("submitted", "running")
+               for job in [_slurm_job_of(c)] if job}
+    if not waiting: return
+    jobs = slurm_job_states(waiting.values())
+    if jobs is None:
+        log(f"squeue did not answer: {len(waiting)} cells stay as their SLURM jobs left them (--force starts them again)")
+        return
+    for run_id, job in waiting.items():
+        state = jobs.get(job, (None, None))[0]
+        if state in SLURM_ALIVE: continue
+        how = f"ended {state}" if state else "is no longer in the queue"
+        states[run_id] = ("interrupted", f"its SLURM job {job} {how} before the cell finished; taken over")
+
+
+def _gpu_count(gres: str) -> int:
+    "GPUs per node in sinfo's GRES text: gpu:4, gpu:a100:4(S:0-1), gpu:2,gpu:v100:1 ... (null) is none."
+    n = 0
+    for item in gres.split(","):
+        item = item.split("(")[0].strip()
+        if item.startswith("gpu"):
+            last = item.split(":")[-1]
+            n += int(last) if last.isdigit() else 1
+    return n
+
+
+def _partition_nodes(partition: str | None):
+    "[(gres, cpus, mem_mb)] of the partition's node groups (the default partition where None); None without sinfo."
+    if not shutil.which("sinfo"): return None
+    r = _run(["sinfo", "-h", "-o", "%P|%G|%c|%m"], timeout=30)
+    if r is None or r.returncode != 0: return None
+    rows, names = [], []
+    for line in r.stdout.splitlines():
+        parts = line.strip().split("|")
+        if len(parts) != 4: continue
+        name = parts[0].rstrip("*")
+        names.append(name)
+        if name == partition or (partition is None and parts[0].endswith("*")):
+            digits = lambda t: int("".join(ch for ch in t if ch.isdigit()) or 0)
+            rows.append((parts[1], digits(parts[2]), digits(parts[3])))
+    if not rows and partition is not None:
+        raise GridError(f"--partition {partition}: no such partition on this cluster; sinfo lists "
+                        f"{', '.join(sorted(set(names))) or 'none'}")
+    return rows
+
+
+def slurm_resources(slurm: dict, log=print) -> dict:
+    """`slurm` with the GPU and CPU requests filled in from what the partition's nodes have (sinfo): one GPU
+    per cell where they have GPUs, else none; 8 CPUs or a node's all. A request no node can serve is
+    refused before anything is submitted, naming the option to change."""
+    s = dict(slurm)
+    if s.get("cluster", "slurm") != "slurm":   # submitit's local/debug executors run on this machine
+        if s.get("gpus_per_task") is None: s["gpus_per_task"] = 1 if visible_gpus() else 0
+        if s.get("cpus_per_task") is None: s["cpus_per_task"] = min(8, os.cpu_count() or 1)
+        return s
+    nodes = _partition_nodes(s.get("partition"))
+    where = f"partition {s['partition']!r}" if s.get("partition") else "the default partition"
+    if not nodes:   # no sinfo here (or it failed): ask for the usual, sbatch's refusal will name the option
+        if s.get("gpus_per_task") is None: s["gpus_per_task"] = 1
+        if s.get("cpus_per_task") is None: s["cpus_per_task"] = 8
+        return s
+    gpus, cpus, mem = (max(_gpu_count(g) for g, _, _ in nodes), max(c for _, c, _ in nodes),
+                       max(m for _, _, m in nodes))
+    gres = ", ".join(sorted({g for g, _, _ in nodes}))
+    if s.get("gpus_per_task") is None:
+        s["gpus_per_task"] = 1 if gpus else 0
+        if not gpus: log(f"slurm: {where} has no GPUs (sinfo GRES: {gres}); the cells ask for none")
+    elif s["gpus_per_task"] > gpus:
+        raise GridError(f"--gpus-per-task {s['gpus_per_task']}: {where} has "
+                        + (f"no GPUs (sinfo GRES: {gres}); pass --gpus-per-task 0 or a --partition with GPUs"
+                           if not gpus else f"at most {gpus} GPUs per node; pass --gpus-per-task {gpus} or fewer"))
+    if s.get("cpus_per_task") is None:
+        s["cpus_per_task"] = min(8, cpus) if cpus else 8
+    elif cpus and s["cpus_per_task"] > cpus:
+        raise GridError(f"--cpus-per-task {s['cpus_per_task']}: the nodes of {where} have at most {cpus} CPUs; "
+                        f"pass --cpus-per-task {cpus} or fewer")
+    if s.get("mem_gb") and mem and s["mem_gb"] * 1024 > mem:
+        raise GridError(f"--mem-gb {s['mem_gb']:g}: the nodes of {where} have at most {mem / 1024:.1f} GB; "
+                        f"pass a smaller --mem-gb")
+    return s
+
+
+def _sbatch_refusal(e: BaseException) -> GridError:
+    "sbatch's error as a GridError that names the option to change."
+    text = str(e).strip() or _describe_error(e)
+    lines = [l.strip() for l in text.splitlines() if l.strip()]
+    msg = " / ".join(lines[-3:])[:600]
+    fix = next((f for key, f in _SBATCH_FIXES if key in text.lower()), None)
+    return GridError(f"SLURM refused the job array ({msg}); no cell was marked submitted. "
+                     + (f"Change {fix}." if fix else "Check --partition, --time, --gpus-per-task, --cpus-per-task "
+                                                       "and --mem-gb against sinfo."))
 
 
 def _slurm_executor(folder, cluster="slurm", partition=None, time_min=720, gpus_per_task=1, cpus_per_task=8,
@@ -462,32 +640,104 @@ def _slurm_executor(folder, cluster="slurm", partition=None, time_min=720, gpus_
     return ex
 
 
+def _job_record(cell: Cell, job) -> dict:
+    "The status record a finished job returned, or a failed one when the job died outside run_cell."
+    try: return job.result()
+    except Exception as e:
+        record = dict(run_id=cell.run_id, status="failed", error=f"job {job.job_id}: {_describe_error(e)}"[:2000])
+        atomic_write_text(cell.run_dir / "cell_status.json", json.dumps({**record, "settings": cell.settings}, indent=1))
+        return record
+
+
+def _job_died(cell: Cell, job, how: str, error: str | None = None) -> dict:
+    "A failed record for a cell whose job ended abnormally: how it ended, the cell's own error, the job's log."
+    record = dict(run_id=cell.run_id, status="failed", slurm_job=str(job.job_id),
+                  error=f"SLURM job {job.job_id} {how} before the cell finished" + (f" ({error})" if error else "")
+                        + f"; its log: {job.paths.stderr}")
+    atomic_write_text(cell.run_dir / "cell_status.json", json.dumps({**record, "settings": cell.settings}, indent=1))
+    return record
+
+
+def _wait_slurm(todo, jobs, finish, log, grace_s: float = 15.0):
+    """Follow the jobs with squeue until each has a result. A result file means the job finished its cell; a
+    job squeue no longer lists alive died (cancelled, node failure, node daemon stopped): its cell is
+    recorded failed, and the next run starts it again. sacct is not needed, so clusters without accounting work."""
+    waiting = {str(job.job_id): (cell, job) for cell, job in zip(todo, jobs)}
+    reasons, gone, records, t0, said_no_squeue = {}, {}, {}, time.time(), False
+    while waiting:
+        states = slurm_job_states(waiting)
+        for jid, (cell, job) in list(waiting.items()):
+            state, reason = (states or {}).get(jid, (None, None))
+            if job.paths.result_pickle.exists():
+                record = records.get(jid) or records.setdefault(jid, _job_record(cell, job))
+                if record.get("status") == "failed" and state in SLURM_ALIVE and \
+                        time.time() - gone.setdefault(jid, time.time()) < grace_s:
+                    continue   # a cell failed as its job was stopped: wait for the job's end to say so
+                if record.get("status") == "failed" and state not in (None, "COMPLETED", *SLURM_ALIVE):
+                    record = _job_died(cell, job, f"ended {state}", record.get("error"))
+                finish(cell, record); del waiting[jid]; continue
+            if states is None:
+                if not said_no_squeue: log("squeue does not answer; waiting for the jobs' result files")
+                said_no_squeue = True
+                continue
+            if state in SLURM_ALIVE:
+                gone.pop(jid, None)
+                if state == "PENDING" and reasons.get(jid) != reason:
+                    reasons[jid] = reason
+                    if reason in _HOPELESS_REASONS:   # it would wait forever: free the queue, name the fix
+                        _run(["scancel", jid])
+                        finish(cell, _job_died(cell, job, f"cannot start ({reason}: it asks more than the partition "
+                                                          f"gives); change {_HOPELESS_REASONS[reason]}"))
+                        del waiting[jid]
+                    elif reason not in ("None", "Priority", "Resources", "JobArrayTaskLimit"):
+                        log(f"job {jid} ({cell.run_id}) pending: {reason}")
+                continue
+            # gone from the queue: its result file may still be on its way through a shared file system
+            if time.time() - gone.setdefault(jid, time.time()) < grace_s: continue
+            finish(cell, _job_died(cell, job, f"ended {state}" if state else "left the queue"))
+            del waiting[jid]
+        if waiting: time.sleep(min(30.0, max(2.0, (time.time() - t0) / 20)))   # fewer squeue calls for long jobs
+
+
 def _run_slurm(todo, notebook, slurm: dict, finish, log, wait_for_jobs=True):
     slurm = dict(slurm)
     wait_for_jobs = slurm.pop("wait", wait_for_jobs)
     folder = Path(todo[0].status_dir) / "slurm"
     ex = _slurm_executor(folder, name=f"sewer-ssl-{todo[0].grid}", **slurm)
-    threads = str(slurm.get("cpus_per_task", 8))
+    threads = str(slurm.get("cpus_per_task") or 8)
     env = {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}   # the scheduler assigns the GPU
-    # marked before submission, so a job that starts at once is never overwritten by this mark
+    n_gpus, n_cpus = slurm.get("gpus_per_task"), slurm.get("cpus_per_task")
+    log(f"slurm: {len(todo)} cells, each {n_gpus} GPU{'' if n_gpus == 1 else 's'}, {n_cpus} CPU{'' if n_cpus == 1 else 's'}, "
+        f"{slurm.get('time_min')} min" + (f", {slurm['mem_gb']:g} GB" if slurm.get("mem_gb") else "")
+        + (f" on partition {slurm['partition']}" if slurm.get("partition") else ""))
+    # marked before submission, so a job that starts at once is never overwritten by this mark; the mark
+    # names this process, so a submission that dies with it is not waited on
+    before = {c.run_id: (c.run_dir / "cell_status.json").read_text() if (c.run_dir / "cell_status.json").is_file()
+              else None for c in todo}
     for cell in todo:
         atomic_write_text(cell.run_dir / "cell_status.json",
                      json.dumps(dict(run_id=cell.run_id, status="submitted", job_id=None, settings=cell.settings,
+                                     host=socket.gethostname(), pid=os.getpid(),
                                      started=time.strftime("%Y-%m-%dT%H:%M:%S")), indent=1))
-    jobs = ex.map_array(run_cell, todo, [str(notebook)] * len(todo), [env] * len(todo))
+    try:
+        jobs = ex.map_array(run_cell, todo, [str(notebook)] * len(todo), [env] * len(todo))
+    except Exception as e:   # refused: no cell may stay marked as waiting on a job that does not exist
+        for cell in todo:
+            path = cell.run_dir / "cell_status.json"
+            if (read_json(path) or {}).get("status") != "submitted": continue
+            if before[cell.run_id] is None: path.unlink(missing_ok=True)
+            else: atomic_write_text(path, before[cell.run_id])
+        raise _sbatch_refusal(e) from None
     for cell, job in zip(todo, jobs):
         log(f"submitted {cell.run_id} as job {job.job_id}")
         st = read_json(cell.run_dir / "cell_status.json") or {}
         if st.get("status") == "submitted":   # the job has not started yet: record its id
             atomic_write_text(cell.run_dir / "cell_status.json", json.dumps({**st, "job_id": str(job.job_id)}, indent=1))
     if not wait_for_jobs: return
-    for cell, job in zip(todo, jobs):
-        try: record = job.result()
-        except Exception as e:    # the job died outside run_cell (time limit, node failure)
-            record = dict(run_id=cell.run_id, status="failed", error=f"job {job.job_id}: {_describe_error(e)}"[:2000])
-            atomic_write_text(cell.run_dir / "cell_status.json",
-                         json.dumps({**record, "settings": cell.settings}, indent=1))
-        finish(cell, record)
+    if slurm.get("cluster", "slurm") == "slurm":
+        _wait_slurm(todo, jobs, finish, log)
+    else:   # submitit's local and debug executors know their own jobs
+        for cell, job in zip(todo, jobs): finish(cell, _job_record(cell, job))
 
 
 def run_grid(cells: list[Cell], *, workers: int | None = None, gpus=None, notebook=None, slurm: dict | None = None,
@@ -495,9 +745,12 @@ def run_grid(cells: list[Cell], *, workers: int | None = None, gpus=None, notebo
     """Run every cell that is not finished; returns one row per cell (run_id, before, outcome, error, seconds).
     `workers`: parallel local runs (default: one per GPU, else 1); `gpus`: ids to use (default: visible_gpus());
     `slurm`: submitit settings (cluster, partition, time_min, gpus_per_task, cpus_per_task, mem_gb,
-    array_parallelism, wait) to run as a job array instead; `force`: also start cells reported running elsewhere."""
+    array_parallelism, wait) to run as a job array instead (gpus_per_task and cpus_per_task None: what
+    the partition's nodes have, see `slurm_resources`); `force`: also start cells reported running elsewhere.
+    Cells waiting on a SLURM job that is no longer queued or running are taken over."""
     if not cells: raise GridError("no cells to run")
     states = {c.run_id: cell_state(c) for c in cells}
+    _slurm_takeover(cells, states, log)
     start_states = ("pending", "failed", "interrupted", "corrupt") + (("running", "submitted") if force else ())
     todo = [c for c in cells if states[c.run_id][0] in start_states]
     rows = {c.run_id: dict(run_id=c.run_id, before=states[c.run_id][0], outcome="skipped",
@@ -511,6 +764,7 @@ def run_grid(cells: list[Cell], *, workers: int | None = None, gpus=None, notebo
             log(f"skip   {c.run_id}: {states[c.run_id][0]} {states[c.run_id][1]} (--force starts it again)")
         if states[c.run_id][0] == "conflict":
             rows[c.run_id]["outcome"] = "conflict"; log(f"CONFLICT {c.run_id}: {states[c.run_id][1]}")
+        if states[c.run_id][0] == "interrupted": log(f"resume {c.run_id}: {states[c.run_id][1]}")
     log(f"grid {cells[0].grid}: {len(cells)} cells, {sum(s == 'done' for s, _ in states.values())} finished before, "
         f"{len(todo)} to run")
     outcomes = {}
@@ -526,7 +780,8 @@ def run_grid(cells: list[Cell], *, workers: int | None = None, gpus=None, notebo
         write_grid_status(cells, outcomes)
 
     for folder in {c.run_dir.parent for c in cells}: sweep_temporaries(folder)   # leftovers of killed writes
-    if todo and slurm is not None: _submitit()   # a missing package fails before anything is prepared
+    if todo and slurm is not None:   # a missing package or a request no node can serve fails before anything runs
+        _submitit(); slurm = slurm_resources(slurm, log)
 
     if todo:
         data_errors = prepare_data(todo, log=log)
@@ -649,6 +904,9 @@ def build_parser() -> argparse.ArgumentParser:
     axes.add_argument("--seeds", nargs="+", type=int)
     shared = r.add_argument_group("shared settings")
     shared.add_argument("--test-ps", nargs="+", type=float, default=list(PROPORTIONS))
+    shared.add_argument("--budget", choices=list(BUDGETS),
+                        help="img_size, epochs and batch_size of every cell, from BUDGETS (default: paper where a "
+                             f"GPU is visible or with --slurm, else {DEFAULT_BUDGET}); the flags below override it")
     shared.add_argument("--epochs", type=int); shared.add_argument("--batch-size", type=int)
     shared.add_argument("--dataset", default="synthetic"); shared.add_argument("--data-dir")
     shared.add_argument("--set", action="append", metavar="KEY=VALUE", help="any ExperimentConfig field")
@@ -664,7 +922,9 @@ def build_parser() -> argparse.ArgumentParser:
     where.add_argument("--cluster", default="slurm", choices=["slurm", "local", "debug"],
                        help="submitit executor (local/debug: on this machine)")
     where.add_argument("--partition"); where.add_argument("--time", type=int, default=720, help="minutes per cell")
-    where.add_argument("--gpus-per-task", type=int, default=1); where.add_argument("--cpus-per-task", type=int, default=8)
+    where.add_argument("--gpus-per-task", type=int,
+                       help="GPUs per cell (default: 1 where the partition's nodes have GPUs, per sinfo, else 0)")
+    where.add_argument("--cpus-per-task", type=int, help="CPUs per cell (default: 8, or a node's all where it has fewer)")
     where.add_argument("--mem-gb", type=float); where.add_argument("--array-parallelism", type=int)
     where.add_argument("--no-wait", action="store_true", help="return after submitting")
     return p
@@ -694,8 +954,15 @@ def main(argv=None) -> int:
             print(f"error: {e}", file=sys.stderr); return 2
         for p in [path, *written]: print(f"wrote {p}")
         return 0
+    budget = args.budget
+    if budget is None:   # never start paper-scale runs on a CPU by default
+        budget = "paper" if args.slurm or visible_gpus() else DEFAULT_BUDGET
+        if budget != "paper":
+            print(f"budget {budget} {BUDGETS[budget]}: no GPU is visible; --budget paper runs the paper's "
+                  f"{BUDGETS['paper']}", file=sys.stderr)
     try:
         cells = build_cells(args.grid, outputs=outputs, out_dir=out_dir, dataset=args.dataset, data_dir=_abs(args.data_dir),
+                            budget=budget,
                             test_ps=args.test_ps, epochs=args.epochs, batch_size=args.batch_size,
                             settings=_cli_settings(args), method=args.methods, backbone=args.backbones,
                             train_p=args.train_ps, img_size=args.img_sizes, min_scale=args.min_scales,
@@ -724,6 +991,11 @@ def main(argv=None) -> int:
     if missing:   # the table never silently lacks a cell
         print(f"{len(missing)} of {len(cells)} cells are not done, so the table lacks them: "
               + ", ".join(f"{r} ({s})" for r, s in missing[:5]) + (" ..." if len(missing) > 5 else ""), file=sys.stderr)
+    if args.slurm and args.no_wait:   # queued cells are what was asked for: only failures fail the command
+        queued = sum(s in ("submitted", "running") for _, s in missing)
+        if queued: print(f"{queued} cells are queued or running on SLURM; run the same command again once they "
+                         "finish to complete the table", file=sys.stderr)
+        missing = [(r, s) for r, s in missing if s not in ("submitted", "running")]
     return int(report.outcome.isin(["failed", "conflict"]).any() or bool(missing))
 
 # %% ../nbs/11_grid.ipynb #45c947c1

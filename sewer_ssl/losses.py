@@ -5,17 +5,14 @@
 # %% ../nbs/05_losses.ipynb #eae1c5c8
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 
 # %% auto #0
-__all__ = ['nt_xent_loss', 'byol_loss', 'barlow_twins_loss', 'dino_loss', 'patchify', 'unpatchify', 'mae_loss',
-           'mae_loss_released']
+__all__ = ['nt_xent_loss', 'byol_loss', 'barlow_twins_loss', 'dino_loss']
 
 # %% ../nbs/05_losses.ipynb #223225db
-def nt_xent_loss(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.2) -> torch.Tensor:
+def nt_xent_loss(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Tensor:
     "SimCLR's NT-Xent loss for two batches of projections `(N, K)`; row i of z1 and z2 are positives."
     z = F.normalize(torch.cat([z1, z2]).float(), dim=1)
     n = z1.shape[0]
@@ -32,8 +29,8 @@ def byol_loss(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     return (2 - 2 * F.cosine_similarity(p, z, dim=-1)).mean()
 
 # %% ../nbs/05_losses.ipynb #13d39447
-def barlow_twins_loss(z1: torch.Tensor, z2: torch.Tensor, lambd: float = 0.0051,
-                      scale: float = 0.024) -> torch.Tensor:
+def barlow_twins_loss(z1: torch.Tensor, z2: torch.Tensor, lambd: float,
+                      scale: float) -> torch.Tensor:
     "Barlow Twins loss for two batches of embeddings `(N, K)`, scaled by `scale` as a whole."
     def standardise(z):  # BatchNorm1d(affine=False) in training mode: biased variance, eps 1e-5
         z = z.float()
@@ -46,7 +43,7 @@ def barlow_twins_loss(z1: torch.Tensor, z2: torch.Tensor, lambd: float = 0.0051,
 
 # %% ../nbs/05_losses.ipynb #1596966f
 def dino_loss(student_logits: list[torch.Tensor], teacher_logits: list[torch.Tensor],
-              center: torch.Tensor, student_temp: float = 0.1, teacher_temp: float = 0.04) -> torch.Tensor:
+              center: torch.Tensor, student_temp: float, teacher_temp: float) -> torch.Tensor:
     "DINO's loss: lists of `(B, K)` logits per crop (student: all crops, global first; teacher: global only)."
     targets = [F.softmax((t.float() - center) / teacher_temp, dim=-1).detach() for t in teacher_logits]
     log_probs = [F.log_softmax(s.float() / student_temp, dim=-1) for s in student_logits]
@@ -57,39 +54,3 @@ def dino_loss(student_logits: list[torch.Tensor], teacher_logits: list[torch.Ten
             total = total + (-(q * log_p).sum(-1)).mean()
             n_terms += 1
     return total / n_terms
-
-# %% ../nbs/05_losses.ipynb #5b34ddb5
-def patchify(imgs: torch.Tensor, patch: int) -> torch.Tensor:
-    "`(B, C, H, W)` -> `(B, L, patch*patch*C)`: patches row-major, pixels channel-last within a patch."
-    b, c, h, w = imgs.shape
-    assert h % patch == 0 and w % patch == 0, "image size must be a multiple of the patch size"
-    gh, gw = h // patch, w // patch
-    x = imgs.reshape(b, c, gh, patch, gw, patch)
-    return torch.einsum("bchpwq->bhwpqc", x).reshape(b, gh * gw, patch * patch * c)
-
-
-def unpatchify(x: torch.Tensor, patch: int, channels: int = 3) -> torch.Tensor:
-    "Inverse of `patchify` for a square grid of patches: `(B, L, patch*patch*C)` -> `(B, C, H, W)`."
-    b, l, _ = x.shape
-    g = math.isqrt(l)
-    assert g * g == l, "unpatchify assumes a square grid of patches"
-    x = x.reshape(b, g, g, patch, patch, channels)
-    return torch.einsum("bhwpqc->bchpwq", x).reshape(b, channels, g * patch, g * patch)
-
-# %% ../nbs/05_losses.ipynb #29c7fb25
-def mae_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor,
-             norm_pix_loss: bool = True) -> torch.Tensor:
-    "MAE loss: per-patch MSE of `(B, L, P)` tensors, averaged over the hidden patches (`mask` 1) only."
-    pred, target, mask = pred.float(), target.float(), mask.float()
-    if norm_pix_loss:
-        mean, var = target.mean(-1, keepdim=True), target.var(-1, keepdim=True)  # unbiased, as in MAE
-        target = (target - mean) / (var + 1e-6) ** 0.5
-    per_patch = ((pred - target) ** 2).mean(-1)
-    return (per_patch * mask).sum() / mask.sum()
-
-# %% ../nbs/05_losses.ipynb #4625388c
-def mae_loss_released(pred_view1: torch.Tensor, imgs_view2: torch.Tensor, mask: torch.Tensor,
-                      patch: int, n: int = 2) -> torch.Tensor:
-    "DEFECTIVE on purpose: the released code's MAE loss (first `n` images only, view 1 vs view 2 pixels)."
-    target = patchify(imgs_view2[:n], patch)  # the other view's pixels: the wrong target
-    return mae_loss(pred_view1[:n], target, mask[:n], norm_pix_loss=True)  # rest of the batch dropped

@@ -5,6 +5,7 @@
 # %% ../nbs/07_train.ipynb #3bf44c10
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -13,6 +14,7 @@ import sys
 import threading
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -29,8 +31,8 @@ from .distributed import (all_reduce_gradients, all_reduce_mean_, all_reduce_sum
 
 # %% auto #0
 __all__ = ['PROBE_PREFIX', 'COLLAPSE_FLOOR', 'method_parameters', 'build_optimizer', 'build_scheduler', 'TrainingError',
-           'TrainingInterrupted', 'read_checkpoint', 'pick_device', 'memory_format_for', 'relative_feature_std',
-           'monitor_epoch', 'optimisation_step', 'train']
+           'TrainingInterrupted', 'read_checkpoint', 'pick_device', 'memory_format_for', 'cpu_has_amx_bf16',
+           'autocast_dtype', 'precision_name', 'relative_feature_std', 'monitor_epoch', 'optimisation_step', 'train']
 
 # %% ../nbs/07_train.ipynb #2d43d1ea
 PROBE_PREFIX = "online_probe."  # the online probe has its own optimiser: it is not part of the method
@@ -64,7 +66,7 @@ def build_scheduler(optimizer, cfg: ExperimentConfig, steps_per_epoch: int) -> C
                              warmup_t=warmup, warmup_lr_init=cfg.start_lr, warmup_prefix=True,
                              t_in_epochs=False)
 
-# %% ../nbs/07_train.ipynb #c0069523
+# %% ../nbs/07_train.ipynb #a6c57064
 class TrainingError(RuntimeError):
     "Training cannot continue (non-finite loss, mismatching checkpoint); the message says why."
 
@@ -82,9 +84,6 @@ def read_checkpoint(path, device="cpu") -> dict:
                             "delete it to train this run afresh (nothing else in the folder is touched)") from None
 
 
-COLLAPSE_FLOOR = 0.05  # relative feature std (1 = isotropic, 0 = every image maps to the same point)
-
-
 def pick_device(name: str = "auto") -> torch.device:
     "`auto` means the GPU when there is one."
     if name == "auto": return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -99,19 +98,37 @@ def memory_format_for(device: torch.device) -> torch.memory_format:
     return torch.contiguous_format
 
 
-def _train_signature(cfg: ExperimentConfig) -> dict:
-    "The settings a checkpoint must share with the run that resumes it."
-    d = cfg.to_dict()
-    for k in ("run_id", *EVALUATION_ONLY): d.pop(k, None)
-    return json.loads(json.dumps(d, default=list))
+@functools.lru_cache(maxsize=1)
+def cpu_has_amx_bf16() -> bool:
+    "Whether this CPU has Intel's AMX-BF16 matrix units (`amx_bf16` among the flags of /proc/cpuinfo; Linux)."
+    try: text = Path("/proc/cpuinfo").read_text()
+    except OSError: return False
+    return any(line.startswith("flags") and " amx_bf16" in line for line in text.splitlines())
 
 
+def autocast_dtype(device, precision: str = "auto") -> torch.dtype | None:
+    """The autocast dtype of a training run's forward pass, None for fp32. `auto`: bf16 on a GPU that has
+    it, fp32 on a CPU -- bf16 there is an opt-in (`precision="bf16"`, see the prose above for when it pays)."""
+    device = torch.device(device)
+    if precision == "fp32": return None
+    if precision == "bf16": return torch.bfloat16
+    if precision != "auto": raise ValueError(f"precision must be auto, bf16 or fp32, got {precision!r}")
+    if device.type == "cuda": return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+    return None
+
+
+def precision_name(dtype: torch.dtype | None) -> str:
+    "What a run records: 'bf16' or 'fp32'."
+    return "bf16" if dtype == torch.bfloat16 else "fp32"
+
+
+# %% ../nbs/07_train.ipynb #21073070
 def _epoch_seed(seed: int, epoch: int) -> int: return seed * 100_003 + epoch
 
 
 def _step_seed(seed: int, step: int, rank: int) -> int: return (seed * 1_000_003 + step) * 1_009 + rank
 
-
+# %% ../nbs/07_train.ipynb #9200b543
 class _StopSignals:
     """Turns SIGTERM (cluster pre-emption, `kill`) and a first Ctrl-C (SIGINT, also Jupyter's "interrupt
     kernel") into a flag the loop checks at its next sync point, where it writes a checkpoint and stops.
@@ -134,6 +151,16 @@ class _StopSignals:
         for s, old in self._old.items(): signal.signal(s, old)
 
 
+def _any_process(flag: bool, device) -> bool:
+    "True when `flag` is set on any process (so that all of them stop at the same step)."
+    if not is_distributed(): return flag
+    t = torch.tensor([float(flag)], device=device)
+    return bool(all_reduce_sum(t).item() > 0)
+
+# %% ../nbs/07_train.ipynb #2b766ae8
+COLLAPSE_FLOOR = 0.05  # relative feature std (1 = isotropic, 0 = every image maps to the same point)
+
+
 def relative_feature_std(f: torch.Tensor) -> float:
     "Per-dimension std of l2-normalised features times sqrt(d): about 1 when spread out, 0 when collapsed."
     f = torch.nn.functional.normalize(f.float(), dim=1)
@@ -141,7 +168,8 @@ def relative_feature_std(f: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def monitor_epoch(method, images: torch.Tensor, labels: torch.Tensor, device, batch_size: int = 256) -> dict:
+def monitor_epoch(method, images: torch.Tensor, labels: torch.Tensor, device, batch_size: int = 256,
+                  dtype: torch.dtype | None = None) -> dict:
     """Feature health and the online probe on a fixed monitoring set (uint8 `images` N x 3 x H x W,
     resized only), in eval mode: relative feature std, RankMe (as the paper, and centred), the probe's
     F1 and AUROC."""
@@ -153,7 +181,7 @@ def monitor_epoch(method, images: torch.Tensor, labels: torch.Tensor, device, ba
     try:
         for i in range(0, len(images), batch_size):
             x = norm(images[i:i + batch_size].to(device))
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
                 feats.append(method.features(x).float())
         f = torch.cat(feats)
         logits = method.online_probe(f).squeeze(1).float().cpu().numpy()
@@ -167,17 +195,18 @@ def monitor_epoch(method, images: torch.Tensor, labels: torch.Tensor, device, ba
             "collapsed": rel < COLLAPSE_FLOOR,
             "val_probe_f1": m["f1"], "val_probe_auroc": m.get("auroc", float("nan"))}
 
-
+# %% ../nbs/07_train.ipynb #49ef2dee
 def optimisation_step(method, opt, views, labels, probe_opt=None, grad_clip: float | None = None,
-                      clip_params: list | None = None, forward=None):
+                      clip_params: list | None = None, forward=None, dtype: torch.dtype | None | str = "auto"):
     """One optimisation step, after `method.on_step_start`: the forward pass (`forward`, default `method`)
-    under bf16 autocast on CUDA; with `probe_opt`, the online probe's loss on the detached features joins
+    under autocast to `dtype` (None: fp32; "auto": `autocast_dtype` of the views' device); with `probe_opt`, the online probe's loss on the detached features joins
     the method's; backward; gradients averaged over processes; clipping of `clip_params` (default
     `method_parameters`); the optimisers; `on_step_end`. Returns the outputs (detached) and the probe's
     `(loss, logits)` (None without a probe), with no host sync. `train` and the benchmark both run it."""
     dev = views[0].device
-    with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
-        out = (forward or method)(views, labels)
+    if isinstance(dtype, str): dtype = autocast_dtype(dev, dtype)
+    with torch.autocast(dev.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        out = (method if forward is None else forward)(views, labels)  # a compiled module has no truth value
     feats = out.pop("feats", None)
     probe = method.online_probe_loss(feats, labels) if probe_opt is not None and feats is not None else None
     opt.zero_grad(set_to_none=True)
@@ -191,21 +220,33 @@ def optimisation_step(method, opt, views, labels, probe_opt=None, grad_clip: flo
     method.on_step_end()
     return {k: v.detach() if torch.is_tensor(v) else v for k, v in out.items()}, probe
 
+# %% ../nbs/07_train.ipynb #b6bbccff
+@dataclass
+class _Setup:
+    "What `train` prepares once: the method on its device, the batch geometry, the optimisers and the schedule."
+    method: torch.nn.Module   # under torchrun: with synchronised BatchNorm
+    forward: object           # the method, or its torch.compile'd form
+    device: torch.device
+    fmt: torch.memory_format
+    world: int
+    rank: int
+    batch: int                # the global batch
+    local: int                # this process's share of it
+    steps_per_epoch: int
+    total_steps: int
+    opt: torch.optim.Optimizer
+    probe_opt: torch.optim.Optimizer
+    train_params: list
+    sched: CosineLRScheduler
+    dtype: torch.dtype | None  # autocast of the forward pass (None: fp32)
 
-def train(method: torch.nn.Module, dataset, cfg: ExperimentConfig, run_dir=None, progress: bool = True,
-          log_every: int = 10, augment=None, monitor=None) -> pd.DataFrame:
-    """Train `method` for `cfg.epochs` and return the history (one row per step, epoch figures on the
-    last row of each epoch).
 
-    `dataset` items are `(uint8 image CHW, label)` when `augment` (a callable turning a uint8 batch on
-    the device into a list of views, e.g. `augment.DeviceViews`) is given, else `(views, label)`.
-    `monitor`: optional `(uint8 images N x 3 x H x W, labels)` scored after every epoch.
-    With `run_dir`, checkpoints after every epoch and on SIGTERM, and resumes from `run_dir/checkpoint.pt`.
-    Under `torchrun`, every process calls this; each takes its slice of every global batch."""
+def _set_up(method: torch.nn.Module, dataset, cfg: ExperimentConfig) -> _Setup:
+    "The method moved to its device and layout (synchronised across processes), the batch checked, the optimisers built."
     device = init_distributed(cfg.device)
     world, rank_ = world_size(), rank()
     method.to(device)
-    cuda, fmt = device.type == "cuda", memory_format_for(device)
+    fmt = memory_format_for(device)
     method.to(memory_format=fmt)
     if world > 1:
         method = sync_batchnorm(method, device).to(device)
@@ -217,121 +258,82 @@ def train(method: torch.nn.Module, dataset, cfg: ExperimentConfig, run_dir=None,
     if batch % world:
         raise TrainingError(f"batch size {batch} does not split evenly over {world} processes; choose a "
                             f"multiple of {world}")
-    local = batch // world
     steps_per_epoch = len(dataset) // batch
-    total_steps = cfg.epochs * steps_per_epoch
     opt = build_optimizer(method, cfg)
     probe_opt = torch.optim.AdamW(method.online_probe.parameters(), lr=1e-3, weight_decay=0.0)
     train_params = method_parameters(method)  # listed once, not per step
     sched = build_scheduler(opt, cfg, steps_per_epoch)
     forward = torch.compile(method) if getattr(cfg, "compile", False) else method
-    history, start_epoch, start_batch = [], 0, 0
-    ckpt_path = Path(run_dir) / "checkpoint.pt" if run_dir else None
-    if ckpt_path and ckpt_path.exists():
-        state = read_checkpoint(ckpt_path, device)
-        if state["signature"] != _train_signature(cfg):
-            want = _train_signature(cfg)
-            diff = [f"{k}: {state['signature'].get(k)!r} there, {want.get(k)!r} now"
-                    for k in sorted(set(want) | set(state["signature"])) if state["signature"].get(k) != want.get(k)]
-            raise TrainingError(f"{ckpt_path} was written by a run with other settings ({'; '.join(diff[:5])}); "
-                                "choose another out_dir or run_id, or set overwrite=True to start afresh")
-        method.load_state_dict(state["model"]); opt.load_state_dict(state["optimizer"])
-        probe_opt.load_state_dict(state["probe_optimizer"])
-        history, start_epoch, start_batch = state["history"], state["epoch"], state.get("batch", 0)
+    return _Setup(method=method, forward=forward, device=device, fmt=fmt, world=world, rank=rank_, batch=batch,
+                  local=batch // world, steps_per_epoch=steps_per_epoch, total_steps=cfg.epochs * steps_per_epoch,
+                  opt=opt, probe_opt=probe_opt, train_params=train_params, sched=sched,
+                  dtype=autocast_dtype(device, getattr(cfg, "precision", "auto")))
 
-    def save(epoch, next_batch):
-        if ckpt_path and rank_ == 0:  # only rank 0 writes files
-            state = {"model": method.state_dict(), "optimizer": opt.state_dict(),
-                     "probe_optimizer": probe_opt.state_dict(), "epoch": epoch, "batch": next_batch,
-                     "history": history, "signature": _train_signature(cfg)}
-            atomic_write(ckpt_path, lambda t: torch.save(state, t))
-        barrier()
+# %% ../nbs/07_train.ipynb #8b69dfa5
+def _train_signature(cfg: ExperimentConfig) -> dict:
+    "The settings a checkpoint must share with the run that resumes it."
+    d = cfg.to_dict()
+    for k in ("run_id", *EVALUATION_ONLY): d.pop(k, None)
+    return json.loads(json.dumps(d, default=list))
 
-    step = start_epoch * steps_per_epoch + start_batch
-    first_step = step   # where this call starts: 0 (trained), inside (resumed) or the end (nothing to train)
-    with _StopSignals() as stop:
-        for epoch in range(start_epoch, cfg.epochs):
-            torch.manual_seed(_epoch_seed(cfg.seed, epoch))
-            order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(_epoch_seed(cfg.seed, epoch)))
-            first = start_batch if epoch == start_epoch else 0
-            # rank r takes the r-th slice of each global batch: together the processes see the same
-            # batches as one process would
-            batches = [order[k * batch + rank_ * local:k * batch + (rank_ + 1) * local].tolist()
-                       for k in range(first, steps_per_epoch)]
-            loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=cfg.num_workers,
-                                                 pin_memory=cuda, persistent_workers=False)
-            method.train()
-            bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not progress or rank_ != 0,
-                       leave=False, total=len(batches))
-            t0, t_wait, pending = time.perf_counter(), 0.0, []
-            probe_counts = torch.zeros(3, device=device)  # tp, fp, fn of the online probe, no host sync
-            t_fetch = time.perf_counter()
-            for k, (x, labels) in enumerate(bar, start=first):
-                t_wait += time.perf_counter() - t_fetch
-                torch.manual_seed(_step_seed(cfg.seed, step, rank_))  # augmentation and masking per step
-                sched.step_update(step)
-                method.on_step_start(step, steps_per_epoch, total_steps)
-                labels = labels.to(device, non_blocking=True)
-                if augment is not None:
-                    views = augment(x.to(device, non_blocking=True))
-                else:
-                    views = [v.to(device, non_blocking=True) for v in x]
-                views = [v.contiguous(memory_format=fmt) for v in views]
-                # a method that clips its gradients does so in on_before_optimizer_step (DINO: per
-                # parameter, backbone only, as the authors)
-                out, (probe_loss, probe_logits) = optimisation_step(method, opt, views, labels, probe_opt,
-                                                                    None, train_params, forward)
-                with torch.no_grad():
-                    pred, y = probe_logits.detach() > 0, labels > 0.5
-                    probe_counts += torch.stack([(pred & y).sum(), (pred & ~y).sum(), (~pred & y).sum()]).float()
-                pending.append({"epoch": epoch, "step": step, "lr": opt.param_groups[0]["lr"], **out,
-                                "probe_loss": probe_loss.detach()})
-                step += 1
-                last = k == steps_per_epoch - 1
-                if step % log_every == 0 or last:  # the only host syncs
-                    rows = _flush(pending, world)
-                    pending = []
-                    elapsed = max(time.perf_counter() - t0, 1e-9)
-                    for r in rows: r["img_s"], r["data_wait"] = len(rows) * batch / elapsed, t_wait / elapsed
-                    bad = [r for r in rows if not math.isfinite(r["loss"])]
-                    if bad:
-                        raise TrainingError(f"loss became {bad[0]['loss']} at step {bad[0]['step']} (epoch {epoch}); "
-                                            "lower the learning rate or check the data; the last good "
-                                            f"checkpoint is kept{' at ' + str(ckpt_path) if ckpt_path else ''}")
-                    history += rows
-                    bar.set_postfix(loss=f"{rows[-1]['loss']:.3f}", lr=f"{rows[-1]['lr']:.2e}",
-                                    img_s=f"{rows[-1]['img_s']:.0f}")
-                    t0, t_wait = time.perf_counter(), 0.0
-                    if _any_process(stop.raised, device) and not last:
-                        save(epoch, k + 1)
-                        raise TrainingInterrupted(f"{stop.name or 'a stop signal'} at step {step}: checkpoint written to {ckpt_path}; "
-                                                  "run the same command again to resume")
-                t_fetch = time.perf_counter()
-            # -- end of epoch: online probe and feature health into the epoch's last history row
-            tp, fp, fn = all_reduce_sum(probe_counts).tolist()
-            figures = {"train_probe_f1": 2 * tp / max(2 * tp + fp + fn, 1)}
-            if monitor is not None and rank_ == 0:
-                figures.update(monitor_epoch(method, monitor[0], monitor[1], device))
-            elif history:
-                feat = [r["feat_std"] for r in history if r["epoch"] == epoch and "feat_std" in r]
-                if feat:
-                    figures["collapsed"] = feat[-1] * math.sqrt(method.feat_dim) < COLLAPSE_FLOOR
-            if figures.get("collapsed"):
-                warnings.warn(f"epoch {epoch}: the representation has collapsed (relative feature std below "
-                              f"{COLLAPSE_FLOOR}); the run goes on, but its features carry little information")
-            if history: history[-1].update(figures)
-            if progress and rank_ == 0 and history:   # one plain line per epoch: readable in a log or a papermill terminal
-                last = history[-1]
-                tqdm.write(f"epoch {epoch + 1}/{cfg.epochs}: loss {last['loss']:.4f}"
-                           + (f", val probe AUROC {last['val_probe_auroc']:.3f}" if last.get("val_probe_auroc") is not None else "")
-                           + f", {last.get('img_s', float('nan')):.0f} img/s", file=sys.stdout)
-            save(epoch + 1, 0)
-            if stop.raised and epoch + 1 < cfg.epochs:
-                raise TrainingInterrupted(f"{stop.name} after epoch {epoch + 1}: checkpoint written to {ckpt_path}; "
-                                          "run the same command again to resume")
-    out = pd.DataFrame(history)
-    out.attrs.update(start_step=first_step, total_steps=total_steps)
-    return out
+
+def _resume(s: _Setup, cfg: ExperimentConfig, ckpt_path: Path | None) -> tuple[list, int, int]:
+    """`(history, epoch, batch)` to go on from: a fresh start without a checkpoint, else the checkpoint's,
+    after its weights and optimiser states are loaded; a checkpoint of other settings is refused."""
+    if not (ckpt_path and ckpt_path.exists()): return [], 0, 0
+    state = read_checkpoint(ckpt_path, s.device)
+    if state["signature"] != _train_signature(cfg):
+        want = _train_signature(cfg)
+        diff = [f"{k}: {state['signature'].get(k)!r} there, {want.get(k)!r} now"
+                for k in sorted(set(want) | set(state["signature"])) if state["signature"].get(k) != want.get(k)]
+        raise TrainingError(f"{ckpt_path} was written by a run with other settings ({'; '.join(diff[:5])}); "
+                            "choose another out_dir or run_id, or set overwrite=True to start afresh")
+    s.method.load_state_dict(state["model"]); s.opt.load_state_dict(state["optimizer"])
+    s.probe_opt.load_state_dict(state["probe_optimizer"])
+    return state["history"], state["epoch"], state.get("batch", 0)
+
+
+def _save(s: _Setup, cfg: ExperimentConfig, ckpt_path: Path | None, history: list, epoch: int, next_batch: int):
+    "An atomic checkpoint to resume at batch `next_batch` of `epoch`; every process waits until it is written."
+    if ckpt_path and s.rank == 0:  # only rank 0 writes files
+        state = {"model": s.method.state_dict(), "optimizer": s.opt.state_dict(),
+                 "probe_optimizer": s.probe_opt.state_dict(), "epoch": epoch, "batch": next_batch,
+                 "history": history, "signature": _train_signature(cfg)}
+        atomic_write(ckpt_path, lambda t: torch.save(state, t))
+    barrier()
+
+# %% ../nbs/07_train.ipynb #ab372121
+def _epoch_batches(s: _Setup, n: int, seed: int, epoch: int, first: int) -> list[list[int]]:
+    "This process's share of the batches `first`, `first + 1`, ... of `epoch`, in the order seeded by `(seed, epoch)`."
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(_epoch_seed(seed, epoch)))
+    # rank r takes the r-th slice of each global batch: together the processes see the same
+    # batches as one process would
+    return [order[k * s.batch + s.rank * s.local:k * s.batch + (s.rank + 1) * s.local].tolist()
+            for k in range(first, s.steps_per_epoch)]
+
+
+def _train_step(s: _Setup, cfg: ExperimentConfig, epoch: int, step: int, x, labels, augment,
+                probe_counts: torch.Tensor) -> dict:
+    """Step `step`: reseed, set the learning rate, make the views on the device, optimise, and add the online
+    probe's tp, fp, fn to `probe_counts`. Returns the step's history row, its numbers still on the device."""
+    torch.manual_seed(_step_seed(cfg.seed, step, s.rank))  # augmentation and masking per step
+    s.sched.step_update(step)
+    s.method.on_step_start(step, s.steps_per_epoch, s.total_steps)
+    labels = labels.to(s.device, non_blocking=True)
+    if augment is not None:
+        views = augment(x.to(s.device, non_blocking=True))
+    else:
+        views = [v.to(s.device, non_blocking=True) for v in x]
+    views = [v.contiguous(memory_format=s.fmt) for v in views]
+    # a method that clips its gradients does so in on_before_optimizer_step (DINO: per
+    # parameter, backbone only, as the authors)
+    out, (probe_loss, probe_logits) = optimisation_step(s.method, s.opt, views, labels, s.probe_opt,
+                                                        None, s.train_params, s.forward, s.dtype)
+    with torch.no_grad():
+        pred, y = probe_logits.detach() > 0, labels > 0.5
+        probe_counts += torch.stack([(pred & y).sum(), (pred & ~y).sum(), (~pred & y).sum()]).float()
+    return {"epoch": epoch, "step": step, "lr": s.opt.param_groups[0]["lr"], **out,
+            "probe_loss": probe_loss.detach()}
 
 
 def _flush(pending: list, world: int) -> list:
@@ -347,8 +349,94 @@ def _flush(pending: list, world: int) -> list:
     return rows
 
 
-def _any_process(flag: bool, device) -> bool:
-    "True when `flag` is set on any process (so that all of them stop at the same step)."
-    if not is_distributed(): return flag
-    t = torch.tensor([float(flag)], device=device)
-    return bool(all_reduce_sum(t).item() > 0)
+def _log_rows(s: _Setup, pending: list, t0: float, t_wait: float, epoch: int, ckpt_path: Path | None) -> list:
+    "The pending rows as numbers, with the throughput since `t0`; a non-finite loss stops the run here."
+    rows = _flush(pending, s.world)
+    elapsed = max(time.perf_counter() - t0, 1e-9)
+    for r in rows: r["img_s"], r["data_wait"] = len(rows) * s.batch / elapsed, t_wait / elapsed
+    bad = [r for r in rows if not math.isfinite(r["loss"])]
+    if bad:
+        raise TrainingError(f"loss became {bad[0]['loss']} at step {bad[0]['step']} (epoch {epoch}); "
+                            "lower the learning rate or check the data; the last good "
+                            f"checkpoint is kept{' at ' + str(ckpt_path) if ckpt_path else ''}")
+    return rows
+
+# %% ../nbs/07_train.ipynb #85359f17
+def _epoch_figures(s: _Setup, history: list, epoch: int, probe_counts: torch.Tensor, monitor) -> dict:
+    """The figures for the last history row of `epoch`: the online probe's training F1, then the monitoring
+    set's feature health and probe scores (or, without one, the collapse flag from the training features)."""
+    tp, fp, fn = all_reduce_sum(probe_counts).tolist()
+    figures = {"train_probe_f1": 2 * tp / max(2 * tp + fp + fn, 1)}
+    if monitor is not None and s.rank == 0:
+        figures.update(monitor_epoch(s.method, monitor[0], monitor[1], s.device, dtype=s.dtype))
+    elif history:
+        feat = [r["feat_std"] for r in history if r["epoch"] == epoch and "feat_std" in r]
+        if feat:
+            figures["collapsed"] = feat[-1] * math.sqrt(s.method.feat_dim) < COLLAPSE_FLOOR
+    if figures.get("collapsed"):
+        warnings.warn(f"epoch {epoch}: the representation has collapsed (relative feature std below "
+                      f"{COLLAPSE_FLOOR}); the run goes on, but its features carry little information")
+    return figures
+
+
+def _epoch_line(cfg: ExperimentConfig, epoch: int, last: dict):
+    "One plain line per epoch: readable in a log or a papermill terminal, where a progress bar is not."
+    tqdm.write(f"epoch {epoch + 1}/{cfg.epochs}: loss {last['loss']:.4f}"
+               + (f", val probe AUROC {last['val_probe_auroc']:.3f}" if last.get("val_probe_auroc") is not None else "")
+               + f", {last.get('img_s', float('nan')):.0f} img/s", file=sys.stdout)
+
+# %% ../nbs/07_train.ipynb #c0069523
+def train(method: torch.nn.Module, dataset, cfg: ExperimentConfig, run_dir=None, progress: bool = True,
+          log_every: int = 10, augment=None, monitor=None) -> pd.DataFrame:
+    """Train `method` for `cfg.epochs` and return the history (one row per step, epoch figures on the
+    last row of each epoch).
+
+    `dataset` items are `(uint8 image CHW, label)` when `augment` (a callable turning a uint8 batch on
+    the device into a list of views, e.g. `augment.DeviceViews`) is given, else `(views, label)`.
+    `monitor`: optional `(uint8 images N x 3 x H x W, labels)` scored after every epoch.
+    With `run_dir`, checkpoints after every epoch and on SIGTERM, and resumes from `run_dir/checkpoint.pt`.
+    Under `torchrun`, every process calls this; each takes its slice of every global batch."""
+    s = _set_up(method, dataset, cfg)
+    ckpt_path = Path(run_dir) / "checkpoint.pt" if run_dir else None
+    history, start_epoch, start_batch = _resume(s, cfg, ckpt_path)
+    step = start_epoch * s.steps_per_epoch + start_batch
+    first_step = step   # where this call starts: 0 (trained), inside (resumed) or the end (nothing to train)
+    with _StopSignals() as stop:
+        for epoch in range(start_epoch, cfg.epochs):
+            torch.manual_seed(_epoch_seed(cfg.seed, epoch))  # what the data loader draws before the first step
+            first = start_batch if epoch == start_epoch else 0
+            batches = _epoch_batches(s, len(dataset), cfg.seed, epoch, first)
+            loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=cfg.num_workers,
+                                                 pin_memory=s.device.type == "cuda", persistent_workers=False)
+            s.method.train()
+            bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not progress or s.rank != 0,
+                       leave=False, total=len(batches))
+            t0, t_wait, pending = time.perf_counter(), 0.0, []
+            probe_counts = torch.zeros(3, device=s.device)  # tp, fp, fn of the online probe, no host sync
+            t_fetch = time.perf_counter()
+            for k, (x, labels) in enumerate(bar, start=first):
+                t_wait += time.perf_counter() - t_fetch
+                pending.append(_train_step(s, cfg, epoch, step, x, labels, augment, probe_counts))
+                step += 1
+                last = k == s.steps_per_epoch - 1
+                if step % log_every == 0 or last:  # the only host syncs
+                    history += _log_rows(s, pending, t0, t_wait, epoch, ckpt_path)
+                    pending = []
+                    bar.set_postfix(loss=f"{history[-1]['loss']:.3f}", lr=f"{history[-1]['lr']:.2e}",
+                                    img_s=f"{history[-1]['img_s']:.0f}")
+                    t0, t_wait = time.perf_counter(), 0.0
+                    if _any_process(stop.raised, s.device) and not last:
+                        _save(s, cfg, ckpt_path, history, epoch, k + 1)
+                        raise TrainingInterrupted(f"{stop.name or 'a stop signal'} at step {step}: checkpoint written to {ckpt_path}; "
+                                                  "run the same command again to resume")
+                t_fetch = time.perf_counter()
+            figures = _epoch_figures(s, history, epoch, probe_counts, monitor)  # every process: it sums over them
+            if history: history[-1].update(figures)
+            if progress and s.rank == 0 and history: _epoch_line(cfg, epoch, history[-1])
+            _save(s, cfg, ckpt_path, history, epoch + 1, 0)
+            if stop.raised and epoch + 1 < cfg.epochs:
+                raise TrainingInterrupted(f"{stop.name} after epoch {epoch + 1}: checkpoint written to {ckpt_path}; "
+                                          "run the same command again to resume")
+    out = pd.DataFrame(history)
+    out.attrs.update(start_step=first_step, total_steps=s.total_steps)
+    return out

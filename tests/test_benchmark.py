@@ -19,7 +19,7 @@ COLUMNS = {"method", "backbone", "img_size", "batch", "steps", "warmup", "block"
            *(f"{k}_{c}" for k in ("ours", "lightly")
              for c in ("img_s", "s_step", "s_step_iqr", "step_mib", "state_mib", "params_m", "loss")),
            *(f"{k}_e2e_{c}" for k in ("ours", "lightly") for c in ("img_s", "s_step", "s_step_iqr")),
-           "ratio_ours_lightly", "ratio_e2e", "e2e_views", "lightly_e2e_views", "memory_format",
+           "ratio_ours_lightly", "ratio_e2e", "e2e_views", "lightly_e2e_views", "memory_format", "precision",
            "device", "device_name", "torch", "lightly", "command"}
 
 

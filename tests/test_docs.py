@@ -97,3 +97,12 @@ def test_repository_basics_are_present():
     paper = (ROOT / "PAPER.md").read_text(encoding="utf-8")
     assert cited and all(re.search(rf"^## {n}\. ", paper, re.M) for n in cited), cited
     assert not re.search(r"^(doc_host|git_url) *= *\S", (ROOT / "settings.ini").read_text(encoding="utf-8"), re.M)
+
+
+def test_every_notebook_is_committed_with_outputs_of_its_current_code():
+    """A reader on a Git web view sees results: every notebook has outputs, every numbered chapter a figure or
+    table, and no notebook's outputs predate its code (`python -m sewer_ssl.docs execute NOTEBOOK` re-runs one)."""
+    from sewer_ssl.docs import nbs_dir, notebook_paths, output_problems
+    nbs = nbs_dir()
+    problems = [m for p in notebook_paths(nbs) for m in output_problems(p, nbs)]
+    assert not problems, "\n".join(problems)

@@ -81,19 +81,76 @@ def test_channels_last_step_matches_the_default_layout():
     for k in w0: torch.testing.assert_close(w1[k].contiguous(), w0[k].contiguous(), rtol=1e-4, atol=1e-5, msg=k)
 
 
-# settings of METHOD_DEFAULTS read outside the method's constructor, and by whom
-_READ_ELSEWHERE = {"betas": "train.build_optimizer", "n_local_crops": "augment.device_views_for",
-                   "local_size": "augment.device_views_for", "local_min_scale": "augment.device_views_for"}
+def _reader(path: str):
+    "`module.name[.attr]` inside sewer_ssl -> the object."
+    import importlib
+    module, *names = path.split(".")
+    obj = importlib.import_module(f"sewer_ssl.{module}")
+    for n in names: obj = getattr(obj, n)
+    return obj
 
 
 def test_every_method_setting_is_read_by_someone():
-    """A setting in METHOD_DEFAULTS reaches the method's constructor or a named reader; none does nothing."""
+    """Each setting a method declares reaches its constructor as a keyword without a default, or the reader
+    its declaration names (whose code reads it by name); the constructor takes nothing undeclared."""
     import inspect
     from sewer_ssl.config import METHOD_DEFAULTS
     from sewer_ssl.methods import METHOD_REGISTRY
+    assert set(METHOD_DEFAULTS) == set(METHOD_REGISTRY)
     for m, d in METHOD_DEFAULTS.items():
-        params = set(inspect.signature(METHOD_REGISTRY[m].__init__).parameters)
-        assert set(d.extra) - params <= set(_READ_ELSEWHERE), (m, sorted(set(d.extra) - params))
+        params = inspect.signature(METHOD_REGISTRY[m].__init__).parameters
+        keywords = {k for k, p in params.items() if p.kind is p.KEYWORD_ONLY}
+        assert keywords == set(d.extra) - set(d.read_by), (m, sorted(keywords ^ (set(d.extra) - set(d.read_by))))
+        assert all(params[k].default is inspect.Parameter.empty for k in keywords), m   # values live in `extra` only
+        for setting, reader in d.read_by.items():
+            assert f'"{setting}"' in inspect.getsource(_reader(reader)), (m, setting, reader)
+
+
+def test_a_method_class_that_disagrees_with_its_declaration_is_not_registered():
+    from sewer_ssl.config import MethodDefaults
+    from sewer_ssl.methods import METHOD_REGISTRY, Method, register_method
+
+    class Declared(Method):
+        defaults = MethodDefaults("adamw", 1e-3, 0.0, 1e-4, extra=dict(width=8))
+        def __init__(self, backbone, feat_dim, pos_weight=1.0, *, width=8): super().__init__(backbone, feat_dim)
+
+    with pytest.raises(TypeError, match=r"\['width'\] have defaults"):
+        register_method("declared")(Declared)
+
+    class Undeclared(Method):
+        defaults = MethodDefaults("adamw", 1e-3, 0.0, 1e-4, extra=dict(width=8))
+        def __init__(self, backbone, feat_dim, pos_weight=1.0, *, width, depth): super().__init__(backbone, feat_dim)
+
+    with pytest.raises(TypeError, match=r"takes \['depth', 'width'\], but its defaults declare \['width'\]"):
+        register_method("undeclared")(Undeclared)
+    assert "declared" not in METHOD_REGISTRY and "undeclared" not in METHOD_REGISTRY
+
+
+def test_constructors_take_no_stray_keywords():
+    """Without a catch-all `**kwargs`, a setting the constructor does not know fails instead of vanishing."""
+    from sewer_ssl.backbones import create_backbone
+    from sewer_ssl.methods import SimCLR
+    backbone, dim = create_backbone("resnet18", 16)
+    with pytest.raises(TypeError, match="tau"):
+        SimCLR(backbone, dim, **SimCLR.defaults.extra, tau=0.1)
+
+
+def test_each_default_value_is_written_once():
+    """The methods' own settings are written in their declarations only: no signature in the library repeats
+    one of them as a default (e.g. a temperature of 0.2 or an EMA start of 0.996 in a loss or a helper)."""
+    import inspect
+    from sewer_ssl import backbones, losses, methods
+    from sewer_ssl.config import METHOD_DEFAULTS
+    names = {k for d in METHOD_DEFAULTS.values() for k in d.extra} | {"base", "end", "hidden", "dim", "depth", "heads",
+                                                                      "scale", "mask_ratio"}
+    for module in (methods, losses, backbones):
+        for fname, f in inspect.getmembers(module, lambda o: inspect.isfunction(o) or inspect.isclass(o)):
+            if getattr(f, "__module__", None) != module.__name__: continue
+            init = f.__init__ if inspect.isclass(f) else f
+            try: params = inspect.signature(init).parameters
+            except (TypeError, ValueError): continue
+            repeated = [k for k, p in params.items() if k in names and p.default is not inspect.Parameter.empty]
+            assert not repeated, f"{module.__name__}.{fname} repeats the default of {repeated}"
 
 
 def test_the_supervised_betas_reach_the_optimiser():
@@ -105,7 +162,12 @@ def test_the_supervised_betas_reach_the_optimiser():
     assert all(tuple(g["betas"]) == (0.9, 0.999) for g in build_optimizer(build_method(default), default).param_groups)
 
 
-def test_an_unknown_method_setting_is_refused():
-    from sewer_ssl.config import ConfigError
-    with pytest.raises(ConfigError, match=r"method_kwargs \['tau'\] are not settings of 'simclr'"):
-        ExperimentConfig(method="simclr", method_kwargs={"tau": 0.1})
+@pytest.mark.parametrize("method, setting", [("simclr", "tau"),            # nobody's
+                                             ("simclr", "ema_start"),      # BYOL's and DINO's, unused by SimCLR
+                                             ("supervised", "temperature")])
+def test_an_unknown_or_unused_method_setting_is_refused(method, setting):
+    """Refused when the config is made, naming the setting, the method and the settings it accepts."""
+    from sewer_ssl.config import METHOD_DEFAULTS, ConfigError
+    with pytest.raises(ConfigError, match=rf"method_kwargs \['{setting}'\] are not settings of '{method}'") as err:
+        ExperimentConfig(method=method, method_kwargs={setting: 0.1})
+    assert f"'{method}' accepts: {', '.join(sorted(METHOD_DEFAULTS[method].extra))}" in str(err.value)

@@ -19,7 +19,8 @@ def _options(tmp_path, **extra):
 def test_run_notebook_writes_results(tmp_path):
     out = tmp_path / "executed.ipynb"
     pm.execute_notebook(str(ROOT / "nbs/run.ipynb"), str(out), kernel_name="python3", progress_bar=False,
-                        parameters=dict(method="simclr", data_dir=str(tmp_path / "data"),
+                        # budget paper, but the explicit sizes of TINY win
+                        parameters=dict(method="simclr", budget="paper", data_dir=str(tmp_path / "data"),
                                         out_dir=str(tmp_path / "runs"), run_id="tiny",
                                         options=_options(tmp_path, method_kwargs=dict(proj_hidden=128, proj_dim=64)),
                                         **TINY))
@@ -27,6 +28,7 @@ def test_run_notebook_writes_results(tmp_path):
     assert {p.name for p in run.iterdir()} >= {"config.json", "history.csv", "metrics.json", "checkpoint.pt", "test_scores.npz"}
     cfg = json.loads((run / "config.json").read_text())
     assert cfg["method"] == "simclr" and cfg["img_size"] == 32 and cfg["resolved"]["optimizer"] == "lars"
+    assert cfg["budget"] == "paper" and (cfg["epochs"], cfg["batch_size"]) == (TINY["epochs"], TINY["batch_size"])
     metrics = json.loads((run / "metrics.json").read_text())
     assert [r["test_p"] for r in metrics["rows"] if r["classifier"] == "linear_probe"] == [0.15, 0.05]
     # the probes, and the two controls scored on the same test images (chapter 09a)
@@ -97,7 +99,7 @@ def test_parameters_cell_survives_nbdev_clean():
     tagged = [c for c in nb["cells"] if "parameters" in c.get("metadata", {}).get("tags", [])]
     assert len(tagged) == 1
     source = "".join(tagged[0]["source"])
-    for name in ("method", "backbone", "dataset", "data_dir", "train_p", "test_ps", "img_size", "epochs",
+    for name in ("method", "backbone", "dataset", "data_dir", "train_p", "test_ps", "budget", "img_size", "epochs",
                  "batch_size", "seed", "out_dir"):
         assert f"\n{name} = " in "\n" + source, name
 
@@ -113,3 +115,23 @@ def test_unreachable_test_proportion_fails_before_training(tmp_path):
     with pytest.raises(DataError, match=r"test_ps holds 0.01, which the test pool cannot supply: .* needs at least 99 normal and 1 defect images"):
         run_experiment(cfg, progress=False)
     assert not (tmp_path / "runs").exists()
+
+
+def test_crops_come_from_the_cache_size_copy(tmp_path, monkeypatch):
+    """With cache_size > img_size the training crops are cut from a sharper copy; evaluation keeps img_size."""
+    import sewer_ssl.experiment as E
+    from sewer_ssl.augment import CachedImages
+    from sewer_ssl.config import ConfigError, ExperimentConfig
+    built, fed = [], []
+    real_for_index, real_init = E.ImageCache.for_index.__func__, CachedImages.__init__
+    monkeypatch.setattr(E.ImageCache, "for_index",
+                        classmethod(lambda cls, index, size, **kw: built.append(size) or real_for_index(cls, index, size, **kw)))
+    monkeypatch.setattr(CachedImages, "__init__", lambda self, images, *a, **k: fed.append(images.shape[1]) or real_init(self, images, *a, **k))
+    cfg = ExperimentConfig(img_size=16, cache_size=32, epochs=1, batch_size=16, device="cpu", test_ps=(0.45,),
+                           probe_epochs=20, data_dir=str(tmp_path / "data"), out_dir=str(tmp_path / "runs"),
+                           data_kwargs=dict(n_train=80, n_val=160, size=32))
+    res = E.run_experiment(cfg, progress=False)
+    assert built == [16, 32] and fed == [32], (built, fed)     # eval cache at 16 px, crops from the 32 px copy
+    assert res["summary"]["precision"] == "fp32" and (res["run_dir"] / "metrics.json").is_file()
+    with pytest.raises(ConfigError, match="cache_size must lie between img_size"):
+        ExperimentConfig(img_size=64, cache_size=32)
