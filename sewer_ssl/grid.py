@@ -29,7 +29,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .docs import local_kernel_manager
 from .files import atomic_write_text, process_alive, project_root, read_json, sweep_temporaries
 from .config import (BACKBONE_ONLY, BACKBONES, METHODS, PAPER_MIN_SCALE, PAPER_T_VAL, PROPORTIONS, ConfigError,
                               ExperimentConfig)
@@ -323,6 +322,7 @@ def slurm_job_id() -> str | None:
 def run_cell(cell: Cell, notebook=None, env: dict | None = None) -> dict:
     "Execute run.ipynb for `cell` into its run folder; returns (and writes) the cell's status record."
     import papermill as pm   # imported on use: the worker processes need it, listing a grid does not
+    from sewer_ssl.docs import local_kernel_manager   # nbformat: not on a bare GPU machine (chapter 11a)
     run_dir = cell.run_dir
     if cell_state(cell)[0] == "done":   # a job SLURM requeued (node failure) after its cell had finished
         return {**(read_json(run_dir / "cell_status.json") or {}), "run_id": cell.run_id, "status": "done"}
