@@ -91,8 +91,8 @@ def test_the_budget_name_alone_does_not_make_a_run_differ():
 
 
 def test_an_unknown_budget_is_refused_with_the_choices():
-    with pytest.raises(ConfigError, match=r"unknown budget 'gpu'; choose one of: smoke, study, cpu, paper"):
-        ExperimentConfig(budget="gpu")
+    with pytest.raises(ConfigError, match=r"unknown budget 'huge'; choose one of: smoke, study, cpu, gpu, paper"):
+        ExperimentConfig(budget="huge")
     from sewer_ssl.grid import GridError, build_cells
-    with pytest.raises(GridError, match="unknown budget 'gpu'"):
-        build_cells("main", budget="gpu")
+    with pytest.raises(GridError, match="unknown budget 'huge'"):
+        build_cells("main", budget="huge")
