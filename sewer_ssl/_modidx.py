@@ -477,6 +477,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '', 'doc_host': '', 'git_url
                                      'sewer_ssl.gpu_study.build_parser': ('gpu_study.html#build_parser', 'sewer_ssl/gpu_study.py'),
                                      'sewer_ssl.gpu_study.device_name': ('gpu_study.html#device_name', 'sewer_ssl/gpu_study.py'),
                                      'sewer_ssl.gpu_study.estimate_seconds': ('gpu_study.html#estimate_seconds', 'sewer_ssl/gpu_study.py'),
+                                     'sewer_ssl.gpu_study.export_resized': ('gpu_study.html#export_resized', 'sewer_ssl/gpu_study.py'),
                                      'sewer_ssl.gpu_study.main': ('gpu_study.html#main', 'sewer_ssl/gpu_study.py'),
                                      'sewer_ssl.gpu_study.measure_concurrency': ( 'gpu_study.html#measure_concurrency',
                                                                                   'sewer_ssl/gpu_study.py'),
