@@ -365,6 +365,8 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '', 'doc_host': '', 'git_url
                                     'sewer_ssl.evidence.seed_interval': ('evidence.html#seed_interval', 'sewer_ssl/evidence.py'),
                                     'sewer_ssl.evidence.selection_gain': ('evidence.html#selection_gain', 'sewer_ssl/evidence.py'),
                                     'sewer_ssl.evidence.selection_regret': ('evidence.html#selection_regret', 'sewer_ssl/evidence.py'),
+                                    'sewer_ssl.evidence.shared_image_variance': ( 'evidence.html#shared_image_variance',
+                                                                                  'sewer_ssl/evidence.py'),
                                     'sewer_ssl.evidence.simulate_coverage': ('evidence.html#simulate_coverage', 'sewer_ssl/evidence.py'),
                                     'sewer_ssl.evidence.spearman_ci': ('evidence.html#spearman_ci', 'sewer_ssl/evidence.py'),
                                     'sewer_ssl.evidence.variance_components': ( 'evidence.html#variance_components',

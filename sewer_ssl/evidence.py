@@ -16,9 +16,9 @@ from scipy.stats import t as t_dist
 
 # %% auto #0
 __all__ = ['LEARNED', 'NO_MARGIN', 'BELOW_UNTRAINED', 'weighted_auroc', 'bootstrap_weights', 'seed_interval',
-           'minimum_detectable_effect', 'contrast', 'paired_difference', 'mean_auroc_ci', 'simulate_coverage',
-           'spearman_ci', 'learning_status', 'verdict', 'holm', 'selection_regret', 'variance_components',
-           'selection_gain', 'run_precision', 'load_scores']
+           'minimum_detectable_effect', 'contrast', 'shared_image_variance', 'paired_difference', 'mean_auroc_ci',
+           'simulate_coverage', 'spearman_ci', 'learning_status', 'verdict', 'holm', 'selection_regret',
+           'variance_components', 'selection_gain', 'run_precision', 'load_scores']
 
 # %% ../nbs/16_evidence.ipynb #3bbd718d
 def weighted_auroc(y, scores, weights=None) -> np.ndarray:
@@ -87,9 +87,9 @@ def minimum_detectable_effect(se: float, df: int, alpha: float = 0.05, power: fl
 def contrast(terms, y, n_boot: int = 2000, seed: int = 0, level: float = 0.95, memo: dict | None = None) -> dict:
     """A linear contrast of AUROCs, sum_k c_k AUROC(runs_k[s]), averaged over seeds s. `terms`: (c_k, S score
     vectors on the images `y`) pairs, paired by position (seed). Each seed gives one estimate on the same test
-    images; the interval is `seed_interval`'s: t on S - 1 df, its variance the seed spread plus the variance
-    of the seed mean over `n_boot` stratified resamples of the test images (one resample shared by every run:
-    the pairing). `memo`: a dict kept across calls, so that a run that enters many contrasts is resampled once
+    images; the interval is `seed_interval`'s: t on S - 1 df, its variance the seed spread plus the test-image
+    variance the seeds share (`shared_image_variance`, from `n_boot` stratified resamples of the test images,
+    one resample shared by every run: the pairing). `memo`: a dict kept across calls, so that a run that enters many contrasts is resampled once
     (keyed by the identity of its score array: pass the same arrays)."""
     if memo is not None:
         def auroc(s, w=None):
@@ -106,9 +106,20 @@ def contrast(terms, y, n_boot: int = 2000, seed: int = 0, level: float = 0.95, m
     w = bootstrap_weights(y, n_boot, seed)
     per_seed = sum(c * np.stack([auroc(s)[0] for s in runs]) for c, runs in terms)      # S
     draws = sum(c * np.stack([auroc(s, w) for s in runs], 1) for c, runs in terms)      # B x S
-    image_var = float(np.nanvar(draws.mean(1), ddof=1))
-    return {**seed_interval(per_seed, image_var, level), "per_seed": per_seed.round(6).tolist(),
-            "n_images": len(y), "n_defect": int(y.sum())}
+    draws = draws[np.isfinite(draws).all(1)]
+    total = float(draws.mean(1).var(ddof=1))             # image variance of the seed mean, shared and per-seed parts
+    return {**seed_interval(per_seed, shared_image_variance(draws), level), "image_sd_total": np.sqrt(total),
+            "per_seed": per_seed.tolist(), "n_images": len(y), "n_defect": int(y.sum())}
+
+
+def shared_image_variance(draws) -> float:
+    """The part of the test-image variance that every seed shares, from B x S resampled per-seed estimates (one
+    image resample per row, shared by the seeds): the mean covariance between two different seeds' estimates
+    (0 when negative). The per-seed part is already in the seeds' spread s^2; with one seed, the whole variance."""
+    draws = np.asarray(draws, np.float64)
+    if draws.shape[1] < 2: return float(draws[:, 0].var(ddof=1))
+    cov = np.cov(draws, rowvar=False)
+    return max(float(cov[~np.eye(len(cov), dtype=bool)].mean()), 0.0)
 
 
 def paired_difference(a, b, y, n_boot: int = 2000, seed: int = 0, level: float = 0.95) -> dict:
@@ -138,15 +149,15 @@ def simulate_coverage(n_seeds: int, seed_shift: float = 0.1, image_shared: float
     every run, v_i an image effect on A shared by A's seeds (the test-image noise that does not average over
     seeds) and e_si each run's own noise. The true difference is the expectation over seeds and test sets,
     in closed form (every noise term is normal and the same in both classes). Returns the coverage of this
-    interval and of a t interval on the seeds alone, the mean interval width and the measured seed and
-    image standard deviations of the per-seed difference."""
+    interval, of a t interval on the seeds alone and of one with the whole image variance of the seed mean
+    added, the mean interval width and the measured seed and shared image standard deviations."""
     g = np.random.default_rng(seed)
     mu_a, mu_b = 0.9, 0.7
     spread = lambda extra: np.sqrt(2 * (1 + extra + run_noise ** 2) + seed_shift ** 2)   # sd of (defect - normal) score
     truth = norm.cdf(mu_a / spread(image_shared ** 2)) - norm.cdf(mu_b / spread(0.0))
     n_def = int(round(defect_rate * n_images))
     y = (np.arange(n_images) < n_def).astype(int)
-    hits = hits_seeds = 0
+    hits = hits_seeds = hits_whole = 0
     width, seed_sd, image_sd = [], [], []
     for rep in range(reps):
         z, v = g.normal(size=n_images), g.normal(size=n_images)
@@ -157,8 +168,11 @@ def simulate_coverage(n_seeds: int, seed_shift: float = 0.1, image_shared: float
         hits += c["ci_low"] <= truth <= c["ci_high"]
         only_seeds = seed_interval(c["per_seed"], 0.0, level)
         hits_seeds += only_seeds["ci_low"] <= truth <= only_seeds["ci_high"]
+        whole = seed_interval(c["per_seed"], c["image_sd_total"] ** 2, level)
+        hits_whole += whole["ci_low"] <= truth <= whole["ci_high"]
         width.append(c["ci_high"] - c["ci_low"]); seed_sd.append(c["seed_sd"]); image_sd.append(c["image_sd"])
     return {"n_seeds": n_seeds, "reps": reps, "coverage": hits / reps, "coverage_seeds_only": hits_seeds / reps,
+            "coverage_whole_image_var": hits_whole / reps,
             "mean_width": float(np.mean(width)), "true_difference": float(truth),
             "seed_sd": float(np.mean(seed_sd)), "image_sd": float(np.mean(image_sd))}
 
