@@ -57,18 +57,21 @@ def seed_interval(per_seed, image_var: float = 0.0, level: float = 0.95, power: 
     degrees of freedom whose variance is s^2/n (seed spread) plus `image_var`, the variance of the seed mean
     over resampled test images. The test images are the same for every seed, so their noise is shared by
     the seeds and does not average out: s^2/n alone misses it. Also the two-sided p-value of "mean = 0" and
-    the minimum detectable effect (`power`, two-sided 1 - `level`) at this standard error and df."""
+    the minimum detectable effect (`power`, two-sided 1 - `level`) at this standard error and df.
+    With one seed the interval covers the test images only (normal, df = inf): it is about that run, not about
+    the configuration, and `seed_sd` is NaN to say so."""
     d = np.asarray(per_seed, np.float64)
     n = len(d)
     out = {"estimate": float(d.mean()) if n else np.nan, "se": np.nan, "df": n - 1, "ci_low": np.nan, "ci_high": np.nan,
            "p": np.nan, "mde": np.nan, "seed_sd": float(d.std(ddof=1)) if n > 1 else np.nan,
            "image_sd": float(np.sqrt(image_var)), "n_seeds": n}
-    if n < 2: return out                               # one seed says nothing about the next one
-    se = float(np.sqrt(d.var(ddof=1) / n + image_var))
-    q = t_dist.ppf(0.5 + level / 2, n - 1)
-    out.update(se=se, ci_low=out["estimate"] - q * se, ci_high=out["estimate"] + q * se,
-               p=float(2 * t_dist.sf(abs(out["estimate"]) / se, n - 1)) if se > 0 else float(out["estimate"] == 0),
-               mde=minimum_detectable_effect(se, n - 1, 1 - level, power))
+    if n == 0: return out
+    df = n - 1 if n > 1 else np.inf                    # one seed: the test images are the only measured noise
+    se = float(np.sqrt((d.var(ddof=1) / n if n > 1 else 0.0) + image_var))
+    q = t_dist.ppf(0.5 + level / 2, df)
+    out.update(se=se, df=df, ci_low=out["estimate"] - q * se, ci_high=out["estimate"] + q * se,
+               p=float(2 * t_dist.sf(abs(out["estimate"]) / se, df)) if se > 0 else float(out["estimate"] == 0),
+               mde=minimum_detectable_effect(se, df, 1 - level, power))
     return out
 
 
@@ -76,6 +79,7 @@ def minimum_detectable_effect(se: float, df: int, alpha: float = 0.05, power: fl
     """The smallest true effect a two-sided t test at `alpha` detects with probability `power`, given the
     standard error `se` of its estimate and `df` degrees of freedom (noncentral t, scipy.stats.nct)."""
     if not (se > 0 and df >= 1): return np.nan
+    if not np.isfinite(df): return float((norm.ppf(1 - alpha / 2) + norm.ppf(power)) * se)
     q = t_dist.ppf(1 - alpha / 2, df)
     # the far tail's probability is ~0 at the effects that matter (nct returns NaN for it at large ncp)
     reach = lambda ncp: nct.sf(q, df, ncp) + np.nan_to_num(nct.cdf(-q, df, ncp)) - power
