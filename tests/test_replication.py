@@ -149,3 +149,43 @@ def test_a_local_grid_skips_a_cell_another_process_finished_or_started_meanwhile
     _run_local(cells, None, 1, [], lambda c, r: seen.update({c.run_id: r["status"]}), logs.append)
     assert seen == {done.run_id: "done", running.run_id: "skipped"}      # no worker was started for either
     assert all(line.startswith("skip") for line in logs), logs
+
+
+def _verdict_outputs():
+    "The reproduction study's printed verdict lines and README table, its verdict CSV and the README's table."
+    import json
+    from pathlib import Path
+
+    import pandas as pd
+    from sewer_ssl.docs import FULL_BUDGET, STAMP_KEY
+    root = Path(__file__).resolve().parents[1]
+    nb = json.loads((root / "nbs" / "studies" / "reproduction.ipynb").read_text(encoding="utf-8"))
+    assert nb["metadata"].get(STAMP_KEY, {}).get("executed") == FULL_BUDGET, \
+        "the committed study must be executed at its full settings: python -m sewer_ssl.docs execute --full studies/reproduction.ipynb"
+    cell = next(c for c in nb["cells"] if c["cell_type"] == "code" and "README_HEADER" in "".join(c["source"]))
+    printed = "".join("".join(o.get("text", "")) for o in cell["outputs"] if o.get("output_type") == "stream").splitlines()
+    sentences = [l for l in printed if l.startswith("- **")]
+    table = [l for l in printed if l.startswith("| ") and not l.startswith("| finding |")]
+    readme = (root / "README.md").read_text(encoding="utf-8").splitlines()
+    start = next(i for i, l in enumerate(readme) if l.startswith("| finding | data | claim tested |"))
+    readme_table = []
+    for l in readme[start + 2:]:
+        if not l.startswith("|"): break
+        readme_table.append(l)
+    csv = pd.read_csv(root / "outputs" / "results" / "replication_verdicts.csv", keep_default_na=False, na_values=[""])
+    return sentences, table, readme_table, csv
+
+
+def test_the_printed_verdicts_the_csv_and_the_readme_table_agree():
+    sentences, table, readme_table, csv = _verdict_outputs()
+    assert len(csv) == len(sentences) == len(table) > 0
+    assert readme_table == table, "README.md's verdict table differs from the study's; paste the study's table into nbs/index.ipynb and run python -m sewer_ssl.docs readme"
+    for row, line, sentence in zip(csv.itertuples(), table, sentences):
+        cols = [c.strip() for c in line.strip("|").split(" | ")]
+        finding, dataset, estimate, verdict_text = cols[0], cols[1], cols[4], cols[7]
+        assert (finding, dataset) == (row.finding, row.dataset)
+        why = row.why if isinstance(row.why, str) else ""
+        assert verdict_text == row.verdict + (f" ({why})" if why else ""), (line, row)
+        assert sentence.startswith(f"- **{row.finding}** ({row.dataset}): **{row.verdict}**"), (sentence, row)
+        est, lo, hi = (float(x) for x in estimate.replace("[", "").replace("]", "").replace(",", "").split())
+        assert np.allclose([est, lo, hi], [row.estimate, row.ci_low, row.ci_high], atol=6e-4), (line, row)
