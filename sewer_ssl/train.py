@@ -5,6 +5,7 @@
 # %% ../nbs/07_train.ipynb #3bf44c10
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
@@ -253,8 +254,10 @@ def optimisation_step(method, opt, views, labels, probe_opt=None, grad_clip: flo
     dev = views[0].device
     if isinstance(dtype, str): dtype = autocast_dtype(dev, dtype)
     # the labelled parts are what the step profile (chapter 13b) counts and times
-    with record_function("step: forward"), \
-            torch.autocast(dev.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+    # the meta device (the step profile's, chapter 13b) has no autocast: fp32 there
+    amp = (torch.autocast(dev.type, dtype=dtype or torch.float32, enabled=dtype is not None)
+           if dev.type != "meta" else contextlib.nullcontext())
+    with record_function("step: forward"), amp:
         out = (method if forward is None else forward)(views, labels)  # a compiled module has no truth value
     feats = out.pop("feats", None)
     with record_function("step: online probe"):
