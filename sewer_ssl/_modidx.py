@@ -738,6 +738,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '', 'doc_host': '', 'git_url
                                  'sewer_ssl.train._epoch_line': ('train.html#_epoch_line', 'sewer_ssl/train.py'),
                                  'sewer_ssl.train._epoch_seed': ('train.html#_epoch_seed', 'sewer_ssl/train.py'),
                                  'sewer_ssl.train._flush': ('train.html#_flush', 'sewer_ssl/train.py'),
+                                 'sewer_ssl.train._loader_worker_init': ('train.html#_loader_worker_init', 'sewer_ssl/train.py'),
                                  'sewer_ssl.train._log_rows': ('train.html#_log_rows', 'sewer_ssl/train.py'),
                                  'sewer_ssl.train._resume': ('train.html#_resume', 'sewer_ssl/train.py'),
                                  'sewer_ssl.train._save': ('train.html#_save', 'sewer_ssl/train.py'),

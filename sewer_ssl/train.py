@@ -199,6 +199,23 @@ class _StopSignals:
         for s, old in self._old.items(): signal.signal(s, old)
 
 
+def _loader_worker_init(worker_id: int) -> None:
+    """In each DataLoader worker: SIGTERM and SIGINT are left to the main process. A time limit, a scheduler's
+    pre-emption or Ctrl-C in a terminal signals the whole process group; PyTorch's worker handler dies of a
+    SIGTERM from anyone but its parent, and the run then fails with "DataLoader worker (pid ...) is killed
+    by signal: Terminated" instead of stopping at a checkpoint. The main process shuts its workers down
+    itself; on Linux a worker is also killed when its parent dies, so none is left behind."""
+    import multiprocessing
+    parent = multiprocessing.parent_process()
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if sys.platform.startswith("linux"):
+        import ctypes
+        try: ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)   # PR_SET_PDEATHSIG
+        except OSError: pass
+        if parent is not None and os.getppid() != parent.pid: os._exit(0)   # it died before the line above
+
+
 def _any_process(flag: bool, device) -> bool:
     "True when `flag` is set on any process (so that all of them stop at the same step)."
     if not is_distributed(): return flag
@@ -467,7 +484,8 @@ def train(method: torch.nn.Module, dataset, cfg: ExperimentConfig, run_dir=None,
             first = start_batch if epoch == start_epoch else 0
             batches = _epoch_batches(s, len(dataset), cfg.seed, epoch, first)
             loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=cfg.num_workers,
-                                                 pin_memory=s.device.type == "cuda", persistent_workers=False)
+                                                 pin_memory=s.device.type == "cuda", persistent_workers=False,
+                                                 worker_init_fn=_loader_worker_init if cfg.num_workers else None)
             s.method.train()
             bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not progress or s.rank != 0,
                        leave=False, total=len(batches))

@@ -292,3 +292,49 @@ def test_the_fast_step_trains_every_method_as_the_reference_step(method, backbon
     assert len(moved) > len(w_ref) // 3, "the steps must move the weights for the comparison to mean anything"
     if method in ("byol", "dino"):   # the teacher moved by EMA, by the same amount in both
         assert any(k.startswith("teacher.") for k in moved)
+
+
+_GROUP_SIGTERM = """
+import os, signal, sys, threading, time
+import numpy as np, torch
+from sewer_ssl.augment import CachedImages, device_views_for
+from sewer_ssl.config import ExperimentConfig
+from sewer_ssl.methods import build_method
+from sewer_ssl.train import TrainingInterrupted, train
+torch.set_num_threads(1)
+
+class Slow(CachedImages):
+    def __getitem__(self, i):
+        time.sleep(0.02); return super().__getitem__(i)
+
+images = np.random.default_rng(0).integers(0, 256, (48, 16, 16, 3), dtype=np.uint8)
+def run(epochs, run_dir):
+    cfg = ExperimentConfig(method="simclr", backbone="resnet18", img_size=16, batch_size=8, epochs=epochs,
+                           device="cpu", num_workers=2, method_kwargs=dict(proj_hidden=32, proj_dim=16))
+    model = build_method(cfg)
+    return train(model, Slow(images, np.arange(48), np.arange(48) % 5 == 0), cfg, run_dir=run_dir, progress=False,
+                 log_every=1, augment=device_views_for(cfg, model.n_views))
+run(1, None)                                   # a first training; its loader's workers shut down
+print("second training", flush=True)
+try:
+    run(50, sys.argv[1]); print("not interrupted")
+except TrainingInterrupted as e:
+    print("interrupted:", e)
+"""
+
+
+def test_sigterm_to_the_process_group_stops_at_a_checkpoint_with_loader_workers(tmp_path):
+    """A SIGTERM to the whole process group (a time limit, a scheduler) during the second training of a process,
+    with loader workers: the run stops with a checkpoint, not with "DataLoader worker ... killed by signal"."""
+    import os, signal, subprocess, sys, time
+    p = subprocess.Popen([sys.executable, "-c", _GROUP_SIGTERM, str(tmp_path)], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        assert p.stdout.readline().startswith("second training")
+        time.sleep(2)
+        os.killpg(p.pid, signal.SIGTERM)   # from outside the group, as a time limit or scheduler sends it
+        out, err = p.communicate(timeout=120)
+    finally:
+        if p.poll() is None: os.killpg(p.pid, signal.SIGKILL)
+    assert "interrupted: SIGTERM" in out, (out[-1000:], err[-3000:])
+    assert "killed by signal" not in err and (tmp_path / "checkpoint.pt").is_file()
