@@ -27,8 +27,8 @@ from .methods import build_method
 from .train import build_optimizer, cpu_has_amx_bf16, memory_format_for, optimisation_step
 
 # %% auto #0
-__all__ = ['kornia_views', 'view_makers', 'time_view_makers', 'time_precisions', 'time_compile', 'main', 'DeviceTraffic',
-           'reference_step', 'step_profile']
+__all__ = ['kornia_views', 'view_makers', 'time_view_makers', 'time_precisions', 'time_compile', 'DeviceTraffic',
+           'reference_step', 'step_profile', 'main']
 
 # %% ../nbs/13b_cpu_step.ipynb #d738af7f
 def kornia_views(cfg: ExperimentConfig, n_views: int = 2):
@@ -124,43 +124,6 @@ def time_compile(method: str = "simclr", backbone: str = "resnet18", img_size: i
     gain = out["eager_s_step"] - out["compile_s_step"]
     out["break_even_steps"] = out["compile_s"] / gain if gain > 0 else float("inf")
     return out
-
-# %% ../nbs/13b_cpu_step.ipynb #890f1afe
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m sewer_ssl.cpustep",
-                                description="View makers, precisions and torch.compile for the CPU training step.")
-    p.add_argument("--out", required=True)
-    p.add_argument("--img-size", type=int, default=64); p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--steps", type=int, default=8); p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--methods", default=",".join(METHODS)); p.add_argument("--backbones", default=",".join(BACKBONES))
-    p.add_argument("--compile-configs", default="simclr:resnet18,simclr:vit_tiny",
-                   help="method:backbone pairs for the compile comparison (each compiles for a minute or more)")
-    p.add_argument("--parts", default="views,precision,compile")
-    a = p.parse_args(argv)
-    out = Path(a.out); out.mkdir(parents=True, exist_ok=True)
-    parts = set(a.parts.split(","))
-    meta = dict(device_name=device_name(torch.device("cpu")), amx_bf16=cpu_has_amx_bf16(), torch=torch.__version__,
-                command=shlex.join(["python", "-m", "sewer_ssl.cpustep", *(argv if argv is not None else sys.argv[1:])]))
-    def write(df, name):
-        df = df.assign(**meta)
-        atomic_write(out / name, lambda t: df.to_csv(t, index=False, float_format="%.6g"))
-        print(df.drop(columns=["command"]).to_string(index=False, float_format=lambda v: f"{v:.3g}"), flush=True)
-    if "views" in parts: write(time_view_makers(a.img_size, a.batch, source_sizes=(a.img_size, 2 * a.img_size)), "cpu_step_views.csv")
-    if "precision" in parts:
-        write(time_precisions(a.methods.split(","), a.backbones.split(","), img_size=a.img_size, batch=a.batch,
-                              steps=a.steps, warmup=a.warmup), "cpu_step_precision.csv")
-    if "compile" in parts:
-        pairs = [c.split(":") for c in a.compile_configs.split(",") if c]
-        write(pd.DataFrame([time_compile(m, b, a.img_size, a.batch, a.steps) for m, b in pairs]), "cpu_step_compile.csv")
-    return 0
-
-
-def _in_notebook() -> bool:
-    ip = sys.modules.get("IPython")
-    return bool(ip and getattr(ip, "get_ipython", lambda: None)())
-
-
-if __name__ == "__main__" and not _in_notebook(): sys.exit(main())
 
 # %% ../nbs/13b_cpu_step.ipynb #7c3d9b40
 _SYNC_CALLS = {"item", "tolist", "numpy", "cpu", "__bool__", "__float__", "__int__", "__index__", "nonzero",
@@ -303,3 +266,45 @@ def step_profile(methods=METHODS, img_size: int = 32, batch: int = 8, reference:
     return df[["method", "backbone", "img_size", "batch", "step", *ops, "ops_total", "syncs", "sync_calls",
                "h2d_blocking", "h2d_non_blocking", *sorted(c for c in df if c.startswith("cpu_ms_"))]].fillna({c: 0 for c in ops})
 
+
+# %% ../nbs/13b_cpu_step.ipynb #890f1afe
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m sewer_ssl.cpustep",
+                                description="View makers, precisions and torch.compile for the CPU training step.")
+    p.add_argument("--out", required=True)
+    p.add_argument("--img-size", type=int, default=64); p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--steps", type=int, default=8); p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--methods", default=",".join(METHODS)); p.add_argument("--backbones", default=",".join(BACKBONES))
+    p.add_argument("--compile-configs", default="simclr:resnet18,simclr:vit_tiny",
+                   help="method:backbone pairs for the compile comparison (each compiles for a minute or more)")
+    p.add_argument("--parts", default="views,precision,compile,profile",
+                   help="any of views, precision (ours against lightly), compile, profile (the step's parts, before and after)")
+    a = p.parse_args(argv)
+    out = Path(a.out); out.mkdir(parents=True, exist_ok=True)
+    parts = set(a.parts.split(","))
+    meta = dict(device_name=device_name(torch.device("cpu")), amx_bf16=cpu_has_amx_bf16(), torch=torch.__version__,
+                command=shlex.join(["python", "-m", "sewer_ssl.cpustep", *(argv if argv is not None else sys.argv[1:])]))
+    def write(df, name):
+        df = df.assign(**meta)
+        atomic_write(out / name, lambda t: df.to_csv(t, index=False, float_format="%.6g"))
+        print(df.drop(columns=["command"]).to_string(index=False, float_format=lambda v: f"{v:.3g}"), flush=True)
+    if "views" in parts: write(time_view_makers(a.img_size, a.batch, source_sizes=(a.img_size, 2 * a.img_size)), "cpu_step_views.csv")
+    if "precision" in parts:
+        write(time_precisions(a.methods.split(","), a.backbones.split(","), img_size=a.img_size, batch=a.batch,
+                              steps=a.steps, warmup=a.warmup), "cpu_step_precision.csv")
+    if "compile" in parts:
+        pairs = [c.split(":") for c in a.compile_configs.split(",") if c]
+        write(pd.DataFrame([time_compile(m, b, a.img_size, a.batch, a.steps) for m, b in pairs]), "cpu_step_compile.csv")
+    if "profile" in parts:
+        methods = a.methods.split(",")
+        write(pd.concat([step_profile(methods, a.img_size, a.batch, reference=True),
+                         step_profile(methods, a.img_size, a.batch)]), "cpu_step_profile.csv")
+    return 0
+
+
+def _in_notebook() -> bool:
+    ip = sys.modules.get("IPython")
+    return bool(ip and getattr(ip, "get_ipython", lambda: None)())
+
+
+if __name__ == "__main__" and not _in_notebook(): sys.exit(main())
