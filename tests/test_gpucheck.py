@@ -40,7 +40,7 @@ def test_the_command_runs_on_cpu_without_notebook_tooling(tmp_path):
     plain = tp[tp.method == "plain simclr"]
     assert set(plain["mode"]) == {"per view", "one pass"} and set(plain.backbone) == {"resnet18", "vit_tiny"}
     simclr = tp[tp.method == "simclr"]
-    assert simclr.ratio.notna().all() and (simclr.ratio - simclr.img_s / simclr.plain_img_s).abs().max() < 1e-9
+    assert simclr.ratio.notna().all() and ((simclr.ratio - simclr.img_s / simclr.plain_img_s).abs() < 1e-4 * simclr.ratio).all()   # CSV keeps 6 digits
     assert (tp.wall_s > 0).all()
     assert pd.read_csv(out / "multi_gpu.csv").status.iloc[0] == "skipped"
     assert pd.read_csv(out / "environment.csv").device.iloc[0] == "cpu"
