@@ -120,9 +120,7 @@ def cosine_momentum(step: int, total_steps: int, base: float, end: float) -> flo
 def ema_update(teacher: nn.Module, student: nn.Module, tau: float) -> None:
     """teacher <- tau * teacher + (1 - tau) * student, for every parameter: one fused multi-tensor
     `lerp` (teacher + (1 - tau) (student - teacher)), not one kernel per tensor."""
-    t = list(teacher.parameters())
-    s = [p.detach() for p in student.parameters()]
-    torch._foreach_lerp_(t, s, 1 - tau)
+    torch._foreach_lerp_(list(teacher.parameters()), list(student.parameters()), 1 - tau)   # no_grad: no detach needed
 
 
 def make_teacher(module: nn.Module) -> nn.Module:
