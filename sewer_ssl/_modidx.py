@@ -193,6 +193,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '', 'doc_host': '', 'git_url
                                    'sewer_ssl.cpustep._in_notebook': ('cpu_step.html#_in_notebook', 'sewer_ssl/cpustep.py'),
                                    'sewer_ssl.cpustep._parts': ('cpu_step.html#_parts', 'sewer_ssl/cpustep.py'),
                                    'sewer_ssl.cpustep._profiled_setup': ('cpu_step.html#_profiled_setup', 'sewer_ssl/cpustep.py'),
+                                   'sewer_ssl.cpustep._quiet_native_stderr': ('cpu_step.html#_quiet_native_stderr', 'sewer_ssl/cpustep.py'),
                                    'sewer_ssl.cpustep._reference_clip': ('cpu_step.html#_reference_clip', 'sewer_ssl/cpustep.py'),
                                    'sewer_ssl.cpustep._reference_ema': ('cpu_step.html#_reference_ema', 'sewer_ssl/cpustep.py'),
                                    'sewer_ssl.cpustep._time_makers': ('cpu_step.html#_time_makers', 'sewer_ssl/cpustep.py'),

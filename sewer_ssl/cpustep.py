@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import contextlib
 import functools
 import shlex
@@ -213,6 +214,16 @@ def _profiled_setup(method: str, backbone: str, img_size: int, batch: int, devic
     return s, cfg, device_views_for(cfg, model.n_views)
 
 
+@contextlib.contextmanager
+def _quiet_native_stderr():
+    "The profiler's native library logs each start and stop to file descriptor 2: silenced while it runs."
+    sys.stderr.flush()
+    saved, null = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, 2)
+    try: yield
+    finally: os.dup2(saved, 2); os.close(saved); os.close(null)
+
+
 def _parts(prof) -> pd.Series:
     "Top-level operators (an `aten::` call not inside another) per labelled part of the step."
     counts = Counter()
@@ -246,7 +257,7 @@ def step_profile(methods=METHODS, img_size: int = 32, batch: int = 8, reference:
                 counts = torch.zeros(3, device=device)
                 T._train_step(s, cfg, 0, 0, u8, labels, augment, counts)   # first step: buffers created
                 traffic = DeviceTraffic()
-                with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof, traffic:
+                with _quiet_native_stderr(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof, traffic:
                     T._train_step(s, cfg, 0, 1, u8, labels, augment, counts)
                 if device.type == "meta":
                     ops = _parts(prof)
