@@ -156,7 +156,7 @@ class DeviceTraffic(TorchFunctionMode):
                 return z if name == "cpu" else z.numpy() if name == "numpy" else z.tolist()
             if name in ("masked_select", "unique", "unique_consecutive", "repeat_interleave"):
                 return torch.empty(0, dtype=t.dtype, device="meta")
-            return False if name == "__bool__" else 0
+            return {"__bool__": False, "__float__": 0.0}.get(name, 0.0 if name == "item" and t.is_floating_point() else 0)
         if name == "to" and t is not None and not t.is_meta:
             targets = [a for a in args[1:] if isinstance(a, (torch.device, str, torch.Tensor))] + [kwargs.get("device")]
             to_meta = any((a.device if isinstance(a, torch.Tensor) else torch.device(a)).type == "meta"
