@@ -168,10 +168,10 @@ def batch_resized_crop(x: torch.Tensor, boxes, size: int, flip: torch.Tensor | N
     if value_scale is None: value_scale = 1 / 255 if x.dtype == torch.uint8 else 1.0
     x = x.float()
     B, C, H, W = x.shape
-    top, left, h, w = (t.to(x.device) for t in boxes)
+    top, left, h, w = (t.to(x.device, non_blocking=True) for t in boxes)   # no wait for the GPU
     wy = resize_weights(top, h, size, H)                                # (B, S, H)
     wx = resize_weights(left, w, size, W) * value_scale                 # (B, S, W), 1/255 folded in
-    if flip is not None: wx = torch.where(flip.to(x.device)[:, None, None], wx.flip(1), wx)
+    if flip is not None: wx = torch.where(flip.to(x.device, non_blocking=True)[:, None, None], wx.flip(1), wx)
     rows = torch.bmm(x.reshape(B, C * H, W), wx.transpose(1, 2)).clamp_(0, 1)  # horizontal pass first
     return torch.matmul(wy[:, None], rows.reshape(B, C, H, size)).clamp_(0, 1)
 
@@ -215,7 +215,7 @@ def batch_hue(x: torch.Tensor, factor) -> torch.Tensor:
     inv = delta.reciprocal().masked_fill_(delta == 0, 0.0)  # grey pixels: hue 0; delta 0 leaves them unchanged
     h6 = torch.where(v == r, g_ - b, torch.where(v == g_, (b - r).add_(delta, alpha=2), (r - g_).add_(delta, alpha=4)))
     h6.mul_(inv).add_(6 * _per_sample(factor, x)[:, 0])  # hue in sixths of a turn, shifted
-    k = (h6[:, None] + torch.tensor([5.0, 3.0, 1.0], dtype=x.dtype, device=x.device)[:, None, None]).remainder_(6.0)
+    k = torch.stack([h6 + 5.0, h6 + 3.0, h6 + 1.0], 1).remainder_(6.0)   # no constant copied to the device
     k = torch.minimum(k, 4 - k, out=k).clamp_(0, 1)
     return k.mul_(delta[:, None]).neg_().add_(v[:, None]).clamp_(0, 1)
 
@@ -232,13 +232,14 @@ def sample_jitter(n: int, t_val: float, generator: torch.Generator | None = None
 
 def batch_color_jitter(x: torch.Tensor, factors: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
     "Apply brightness (0), contrast (1), saturation (2), hue (3) to each image in its own `order`, with its `factors`."
-    f_all = factors.to(device=x.device, dtype=x.dtype)
-    ops = order.to(x.device)
+    # the parameters are drawn on the CPU: copied without making the host wait for the GPU
+    f_all = factors.to(device=x.device, dtype=x.dtype, non_blocking=True)
+    ops = order.to(x.device, non_blocking=True)
     x = x.clone()  # updated in place below (large out-of-place tensors are slow to allocate on CPU)
     for k in range(4):
         op = ops[:, k, None, None, None]
         f = f_all.gather(1, ops[:, k, None]).reshape(-1, 1, 1, 1)
-        hue_rows = (order[:, k] == 3).nonzero()[:, 0].to(x.device)  # found where `order` lives: no GPU sync on CPU
+        hue_rows = (order[:, k] == 3).nonzero()[:, 0].to(x.device, non_blocking=True)  # found where `order` lives: no GPU sync
         hued = batch_hue(x[hue_rows], f_all[hue_rows, 3]) if len(hue_rows) else None
         # one blend for the rest: target 0 (brightness), mean grey (contrast) or grey image (saturation)
         gx = grey(x)
@@ -274,6 +275,7 @@ class DeviceViews(nn.Module):
         self.local_min_scale, self.ratio = float(local_min_scale), tuple(ratio)
         # (output size, crop area range, how many views)
         self.groups = [(size, (self.min_scale, 1.0), n_views)]
+        self._mean_std = {}   # device -> the normalisation constants there, copied once
         if n_local: self.groups.append((local_size, (self.local_min_scale, self.min_scale), n_local))
 
     def extra_repr(self) -> str:
@@ -294,8 +296,11 @@ class DeviceViews(nn.Module):
         flip = torch.rand(B, generator=generator, device=dev) < 0.5 if self.flip else None
         out = batch_resized_crop(x, boxes, size, flip, value_scale)
         if self.t_val > 0: out = batch_color_jitter(out, *sample_jitter(B, self.t_val, generator))
-        mean = torch.tensor(NORM_MEAN, dtype=out.dtype, device=out.device).reshape(1, 3, 1, 1)
-        std = torch.tensor(NORM_STD, dtype=out.dtype, device=out.device).reshape(1, 3, 1, 1)
+        key = (out.device, out.dtype)
+        if key not in self._mean_std:
+            self._mean_std[key] = tuple(torch.tensor(v, dtype=out.dtype).reshape(1, 3, 1, 1).to(out.device)
+                                        for v in (NORM_MEAN, NORM_STD))
+        mean, std = self._mean_std[key]
         return out.sub_(mean).div_(std)
 
     def forward(self, images: torch.Tensor, generator: torch.Generator | None = None) -> list[torch.Tensor]:

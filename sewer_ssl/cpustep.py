@@ -6,16 +6,21 @@
 from __future__ import annotations
 
 import argparse
+import os
+import contextlib
+import functools
 import shlex
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
+from torch.overrides import TorchFunctionMode
 
-from .augment import DeviceViews, views_for
+from .augment import DeviceViews, device_views_for, views_for
 from .benchmark import benchmark_config, device_name, lightly_available
 from .config import BACKBONE_ONLY, BACKBONES, METHODS, NORM_MEAN, NORM_STD, ExperimentConfig
 from .files import atomic_write
@@ -23,7 +28,8 @@ from .methods import build_method
 from .train import build_optimizer, cpu_has_amx_bf16, memory_format_for, optimisation_step
 
 # %% auto #0
-__all__ = ['kornia_views', 'view_makers', 'time_view_makers', 'time_precisions', 'time_compile', 'main']
+__all__ = ['kornia_views', 'view_makers', 'time_view_makers', 'time_precisions', 'time_compile', 'DeviceTraffic',
+           'reference_step', 'step_profile', 'main']
 
 # %% ../nbs/13b_cpu_step.ipynb #d738af7f
 def kornia_views(cfg: ExperimentConfig, n_views: int = 2):
@@ -120,6 +126,158 @@ def time_compile(method: str = "simclr", backbone: str = "resnet18", img_size: i
     out["break_even_steps"] = out["compile_s"] / gain if gain > 0 else float("inf")
     return out
 
+# %% ../nbs/13b_cpu_step.ipynb #7c3d9b40
+_SYNC_CALLS = {"item", "tolist", "numpy", "cpu", "__bool__", "__float__", "__int__", "__index__", "nonzero",
+               "argwhere", "masked_select", "unique", "unique_consecutive", "repeat_interleave"}
+
+
+class DeviceTraffic(TorchFunctionMode):
+    """Counts, for a step run on the `meta` device (a device without data, standing in for the GPU), the
+    calls that make the host wait for the device -- a scalar read (`.item()`, `bool`, `float`), `.cpu()`,
+    an output whose shape depends on the data (`nonzero`) -- and the copies from host to device, blocking
+    (a sync each on CUDA: PyTorch waits for the copy) or `non_blocking`. A scalar read gets a stand-in zero."""
+    def __init__(self):
+        super().__init__()
+        self.syncs, self.h2d_blocking, self.h2d_async = Counter(), 0, 0
+
+    def _copy(self, non_blocking: bool):
+        if non_blocking: self.h2d_async += 1
+        else: self.h2d_blocking += 1
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", "")
+        t = args[0] if args and isinstance(args[0], torch.Tensor) else None
+        if name in _SYNC_CALLS and t is not None and t.is_meta:
+            self.syncs[name] += 1
+            if name in ("nonzero", "argwhere"): return torch.empty(0, t.ndim, dtype=torch.long, device="meta")
+            if name in ("cpu", "numpy", "tolist"):
+                z = torch.zeros(t.shape, dtype=t.dtype)
+                return z if name == "cpu" else z.numpy() if name == "numpy" else z.tolist()
+            if name in ("masked_select", "unique", "unique_consecutive", "repeat_interleave"):
+                return torch.empty(0, dtype=t.dtype, device="meta")
+            return {"__bool__": False, "__float__": 0.0}.get(name, 0.0 if name == "item" and t.is_floating_point() else 0)
+        if name == "to" and t is not None and not t.is_meta:
+            targets = [a for a in args[1:] if isinstance(a, (torch.device, str, torch.Tensor))] + [kwargs.get("device")]
+            to_meta = any((a.device if isinstance(a, torch.Tensor) else torch.device(a)).type == "meta"
+                          for a in targets if a is not None)
+            if to_meta: self._copy(bool(kwargs.get("non_blocking")) or any(a is True for a in args[1:]))
+        elif name in ("tensor", "as_tensor") and str(kwargs.get("device", "")) == "meta" \
+                and not isinstance(args[0] if args else None, torch.Tensor):
+            self._copy(False)
+        elif name == "copy_" and t is not None and t.is_meta and len(args) > 1 and not args[1].is_meta:
+            self._copy(bool(kwargs.get("non_blocking")) or (len(args) > 2 and args[2] is True))
+        return func(*args, **kwargs)
+
+
+@torch.no_grad()
+def _reference_ema(teacher, student, tau):
+    "The EMA as the project wrote it before the fused lerp: a multi-tensor multiply, then an add."
+    t = list(teacher.parameters())
+    torch._foreach_mul_(t, tau)
+    torch._foreach_add_(t, [p.detach() for p in student.parameters()], alpha=1 - tau)
+
+
+@torch.no_grad()
+def _reference_clip(params, clip):
+    "DINO's clipping as the project wrote it before: one norm and one multiply per parameter."
+    for p in params:
+        if p.grad is not None: p.grad.mul_((clip / (p.grad.norm() + 1e-6)).clamp(max=1.0))
+
+
+@contextlib.contextmanager
+def reference_step():
+    "The step as it was: timm's per-parameter LARS, the two-op EMA and the per-parameter clipping."
+    import sewer_ssl.methods as M, sewer_ssl.train as T
+    saved = M.ema_update, M.clip_per_parameter, T.build_optimizer
+    M.ema_update, M.clip_per_parameter = _reference_ema, _reference_clip
+    T.build_optimizer = functools.partial(saved[2], multi_tensor=False)
+    try: yield
+    finally: M.ema_update, M.clip_per_parameter, T.build_optimizer = saved
+
+
+def _profiled_setup(method: str, backbone: str, img_size: int, batch: int, device) -> tuple:
+    "A `train._Setup` for one process on `device`, built as `train._set_up` builds it (without its checks)."
+    from sewer_ssl import train as T
+    cfg = ExperimentConfig(method=method, backbone=backbone, img_size=img_size, batch_size=batch, epochs=1,
+                           device=str(device), method_kwargs={"n_local_crops": 2} if method == "dino" else {})
+    torch.manual_seed(0)
+    model = build_method(cfg).to(device).train()
+    opt = T.build_optimizer(model, cfg)
+    probe_opt = torch.optim.AdamW(model.online_probe.parameters(), lr=1e-3, weight_decay=0.0)
+    for o in (opt, probe_opt):   # PyTorch's CUDA default for AdamW (meta has no default): multi-tensor
+        if isinstance(o, torch.optim.AdamW):
+            for g in o.param_groups: g["foreach"] = True
+    s = T._Setup(method=model, forward=model, device=device, fmt=T.memory_format_for(device), world=1, rank=0,
+                 batch=batch, local=batch, steps_per_epoch=10, total_steps=100, opt=opt, probe_opt=probe_opt,
+                 train_params=T.method_parameters(model), sched=T.build_scheduler(opt, cfg, 10), dtype=None)
+    return s, cfg, device_views_for(cfg, model.n_views)
+
+
+@contextlib.contextmanager
+def _quiet_native_stderr():
+    "The profiler's native library logs each start and stop to file descriptor 2: silenced while it runs."
+    sys.stderr.flush()
+    saved, null = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, 2)
+    try: yield
+    finally: os.dup2(saved, 2); os.close(saved); os.close(null)
+
+
+def _parts(prof) -> pd.Series:
+    "Top-level operators (an `aten::` call not inside another) per labelled part of the step."
+    counts = Counter()
+    for e in prof.events():
+        if not e.name.startswith("aten::"): continue
+        part, p, nested = "other", e.cpu_parent, False
+        while p is not None:
+            if p.name.startswith("aten::"): nested = True; break
+            if p.name.startswith("step: ") and part == "other": part = p.name[6:]
+            p = p.cpu_parent
+        if not nested: counts[part] += 1
+    return pd.Series(counts)
+
+
+def step_profile(methods=METHODS, img_size: int = 32, batch: int = 8, reference: bool = False,
+                 time_on_cpu: bool = True) -> pd.DataFrame:
+    """One row per method (ResNet-18; MAE on ViT-Tiny; DINO with two local crops): operators dispatched per
+    training step in each part (on the `meta` device, what a GPU step launches, bf16 casts aside), host
+    syncs and host-to-device copies per step (`DeviceTraffic`), and, with `time_on_cpu`, milliseconds per part
+    of the same step on this CPU. `reference`: the step as it was before the multi-tensor changes."""
+    from sewer_ssl import train as T
+    rows = []
+    with reference_step() if reference else contextlib.nullcontext():
+        for m in methods:
+            b = "vit_tiny" if m == "mae" else "resnet18"
+            row = dict(method=m, backbone=b, img_size=img_size, batch=batch, step="reference" if reference else "multi-tensor")
+            for device in ([torch.device("meta")] + ([torch.device("cpu")] if time_on_cpu else [])):
+                s, cfg, augment = _profiled_setup(m, b, img_size, batch, device)
+                u8 = torch.randint(0, 256, (batch, 3, img_size, img_size), dtype=torch.uint8)
+                labels = (torch.arange(batch) % 3 == 0).float()
+                counts = torch.zeros(3, device=device)
+                T._train_step(s, cfg, 0, 0, u8, labels, augment, counts)   # first step: buffers created
+                traffic = DeviceTraffic()
+                with _quiet_native_stderr(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof, traffic:
+                    T._train_step(s, cfg, 0, 1, u8, labels, augment, counts)
+                if device.type == "meta":
+                    ops = _parts(prof)
+                    row.update({f"ops_{k}": int(v) for k, v in ops.items()}, ops_total=int(ops.sum()),
+                               syncs=sum(traffic.syncs.values()), sync_calls=" ".join(f"{k}:{v}" for k, v in sorted(traffic.syncs.items())),
+                               h2d_blocking=traffic.h2d_blocking, h2d_non_blocking=traffic.h2d_async)
+                else:
+                    ms = Counter()
+                    for e in prof.events():
+                        p = e.cpu_parent
+                        while p is not None and not p.name.startswith("step: "): p = p.cpu_parent
+                        ms[p.name[6:] if p is not None else "other"] += e.self_cpu_time_total / 1000
+                    row.update({f"cpu_ms_{k}": v for k, v in ms.items()}, cpu_ms_total=sum(ms.values()))
+            rows.append(row)
+    df = pd.DataFrame(rows)
+    ops = sorted(c for c in df if c.startswith("ops_") and c != "ops_total")
+    return df[["method", "backbone", "img_size", "batch", "step", *ops, "ops_total", "syncs", "sync_calls",
+               "h2d_blocking", "h2d_non_blocking", *sorted(c for c in df if c.startswith("cpu_ms_"))]].fillna({c: 0 for c in ops})
+
+
 # %% ../nbs/13b_cpu_step.ipynb #890f1afe
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m sewer_ssl.cpustep",
@@ -130,7 +288,8 @@ def main(argv=None) -> int:
     p.add_argument("--methods", default=",".join(METHODS)); p.add_argument("--backbones", default=",".join(BACKBONES))
     p.add_argument("--compile-configs", default="simclr:resnet18,simclr:vit_tiny",
                    help="method:backbone pairs for the compile comparison (each compiles for a minute or more)")
-    p.add_argument("--parts", default="views,precision,compile")
+    p.add_argument("--parts", default="views,precision,compile,profile",
+                   help="any of views, precision (ours against lightly), compile, profile (the step's parts, before and after)")
     a = p.parse_args(argv)
     out = Path(a.out); out.mkdir(parents=True, exist_ok=True)
     parts = set(a.parts.split(","))
@@ -147,6 +306,10 @@ def main(argv=None) -> int:
     if "compile" in parts:
         pairs = [c.split(":") for c in a.compile_configs.split(",") if c]
         write(pd.DataFrame([time_compile(m, b, a.img_size, a.batch, a.steps) for m, b in pairs]), "cpu_step_compile.csv")
+    if "profile" in parts:
+        methods = a.methods.split(",")
+        write(pd.concat([step_profile(methods, a.img_size, a.batch, reference=True),
+                         step_profile(methods, a.img_size, a.batch)]), "cpu_step_profile.csv")
     return 0
 
 

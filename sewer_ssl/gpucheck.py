@@ -26,21 +26,48 @@ from .methods import build_method
 from .train import autocast_dtype, pick_device, precision_name, train
 
 # %% auto #0
-__all__ = ['THROUGHPUT_CONFIGS', 'FULL', 'TINY', 'TARGET_IMG_S', 'TARGET_DATA_WAIT', 'check_views_match_cpu',
+__all__ = ['FULL', 'TINY', 'TARGET_IMG_S', 'TARGET_DATA_WAIT', 'throughput_plan', 'check_views_match_cpu',
            'check_features_match_cpu', 'check_knn_matches_cpu', 'check_bf16_loss_close', 'run_checks',
-           'measure_training', 'measure_throughput', 'measure_two_processes', 'environment', 'main']
+           'measure_training', 'measure_plain_step', 'measure_views', 'measure_throughput', 'measure_two_processes',
+           'environment', 'main']
 
 # %% ../nbs/18_gpucheck.ipynb #ea18508f
-THROUGHPUT_CONFIGS = (("simclr", "resnet18"), ("simclr", "vit_tiny"), ("byol", "resnet18"),
-                      ("byol", "vit_tiny"), ("mae", "vit_tiny"))
-FULL = dict(img_size=224, batch_size=256, steps=40, log_every=5, compile=(False, True), num_workers=8)
-TINY = dict(img_size=32, batch_size=8, steps=4, log_every=2, compile=(False,), num_workers=0)
+# DINO's row makes local crops (96 px per 224) beside the two global views, as the authors' multi-crop
+FULL = dict(img_size=224, small_size=64, batch_size=256, steps=20, log_every=5, compile_steps=12,
+            compile_log_every=3, num_workers=8, dino_local_crops=6)
+TINY = dict(img_size=32, small_size=32, batch_size=8, steps=4, log_every=2, compile_steps=4, compile_log_every=2,
+            num_workers=0, dino_local_crops=2)
 TARGET_IMG_S = 5000     # two-view images/s, SimCLR on ResNet-18 at 224 px, one H100/H200
 TARGET_DATA_WAIT = 0.10
 
 
+def throughput_plan(size: dict, compile: bool = True) -> list[dict]:
+    """The rows of `throughput.csv`, in the order they run: the plain reference step and the loop for SimCLR
+    on both backbones at both sizes, DeviceViews alone, every other method at the full size, then the
+    compiled rows (each spends most of its time compiling: they come last, where the time budget cuts)."""
+    big, small, batch = size["img_size"], size["small_size"], size["batch_size"]
+    loop = dict(kind="loop", batch=batch, steps=size["steps"], log_every=size["log_every"], compile=False)
+    rows = []
+    for px in dict.fromkeys((big, small)):
+        for b in ("resnet18", "vit_tiny"):
+            rows += [dict(kind="plain", method="simclr", backbone=b, img_size=px, batch=batch, steps=size["steps"],
+                          one_pass=one) for one in (False, True)]
+            rows.append({**loop, "method": "simclr", "backbone": b, "img_size": px})
+        rows.append(dict(kind="views", method="views", backbone="", img_size=px, batch=batch, steps=size["steps"]))
+    rows += [{**loop, "method": m, "backbone": b, "img_size": big,
+              "method_kwargs": {"n_local_crops": size["dino_local_crops"]} if m == "dino" else {}}
+             for m, b in (("byol", "resnet18"), ("byol", "vit_tiny"), ("barlow", "resnet18"), ("dino", "resnet18"),
+                          ("mae", "vit_tiny"), ("supervised", "resnet18"))]
+    if compile:
+        rows += [{**loop, "method": m, "backbone": b, "img_size": big, "compile": True, "steps": size["compile_steps"],
+                  "log_every": size["compile_log_every"]} for m, b in (("simclr", "resnet18"), ("byol", "resnet18"),
+                                                                      ("simclr", "vit_tiny"))]
+    return rows
+
+
 def _check_row(name: str, status: str, value=float("nan"), tolerance=float("nan"), detail: str = "") -> dict:
     return dict(check=name, status=status, value=float(value), tolerance=float(tolerance), detail=detail)
+
 
 # %% ../nbs/18_gpucheck.ipynb #0b55c1ff
 def check_views_match_cpu(device) -> dict:
@@ -138,11 +165,12 @@ def _windows(history: pd.DataFrame) -> pd.DataFrame:
 
 
 def measure_training(method: str, backbone: str, *, img_size: int, batch_size: int, steps: int, log_every: int,
-                     compile: bool, device, num_workers: int, images: np.ndarray) -> dict:
+                     compile: bool, device, num_workers: int, images: np.ndarray, method_kwargs=None) -> dict:
     "Train `method` on `backbone` for `steps` steps with the real loop; one row of `throughput.csv`."
     device = torch.device(device)
     cfg = ExperimentConfig(method=method, backbone=backbone, img_size=img_size, batch_size=batch_size, epochs=1,
-                           device=str(device), compile=compile, num_workers=num_workers)
+                           device=str(device), compile=compile, num_workers=num_workers,
+                           method_kwargs=method_kwargs or {})
     n = batch_size * steps
     dataset = CachedImages(images, np.arange(n) % len(images), np.arange(n) % 7 == 0)
     torch.manual_seed(0)
@@ -169,30 +197,110 @@ def measure_training(method: str, backbone: str, *, img_size: int, batch_size: i
     return row
 
 
-def measure_throughput(device, img_size: int, batch_size: int, steps: int, log_every: int, compile=(False, True),
-                       num_workers: int = 8, configs=THROUGHPUT_CONFIGS, deadline: float | None = None) -> pd.DataFrame:
-    """`measure_training` for each config and mode; a row that fails records its error; past `deadline`
-    (a `time.monotonic()` value) the remaining rows are skipped, so the command ends in its time."""
-    g = np.random.default_rng(0)
-    n = min(batch_size * steps, 4096)  # indices wrap: a few thousand distinct images are enough to read
-    images = g.integers(0, 256, (n, img_size, img_size, 3), dtype=np.uint8)
-    rows = []
-    for method, backbone in configs:
-        for c in compile:
-            base = dict(method=method, backbone=backbone, img_size=img_size, batch=batch_size,
-                        mode="compile" if c else "eager")
-            if deadline is not None and time.monotonic() > deadline:
-                rows.append({**base, "error": "skipped: the command's time budget is spent"}); continue
-            try:
-                rows.append(measure_training(method, backbone, img_size=img_size, batch_size=batch_size, steps=steps,
-                                             log_every=log_every, compile=c, device=device,
-                                             num_workers=num_workers, images=images))
-            except Exception as e:
-                rows.append({**base, "error": f"{type(e).__name__}: {e}"})
-            if torch.device(device).type == "cuda": torch.cuda.empty_cache()
+def _timed(step, device, steps: int, warmup: int) -> tuple[float, float]:
+    "(median seconds per call of `step` after `warmup` calls, wall seconds in all); the device synchronised."
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda *a: None)
+    t_all = time.perf_counter()
+    for _ in range(warmup): step()
+    sync(device)
+    ts = []
+    for _ in range(steps):
+        t0 = time.perf_counter(); step(); sync(device); ts.append(time.perf_counter() - t0)
+    return float(np.median(ts)), time.perf_counter() - t_all
+
+
+def measure_plain_step(backbone: str, *, img_size: int, batch_size: int, steps: int, device,
+                       one_pass: bool = False) -> dict:
+    """The reference: SimCLR as a few lines of plain PyTorch -- the same timm backbone, a projection MLP
+    `d -> 2048 -> 256`, NT-Xent (temperature 0.2), SGD with momentum, autocast bf16 on CUDA (the loop's
+    precision), channels_last and cuDNN autotuning, two views already on the device; one backbone pass per
+    view, or both views in one pass (`one_pass`). Nothing else: no views made, no probe, no loader."""
+    import torch.nn.functional as F
+    from sewer_ssl.backbones import create_backbone
+    from sewer_ssl.train import memory_format_for
+    device = torch.device(device)
+    if device.type == "cuda": torch.backends.cudnn.benchmark = True
+    torch.manual_seed(0)
+    net, dim = create_backbone(backbone, img_size)
+    proj = torch.nn.Sequential(torch.nn.Linear(dim, 2048), torch.nn.ReLU(inplace=True), torch.nn.Linear(2048, 256))
+    model = torch.nn.ModuleDict(dict(net=net, proj=proj)).to(device).to(memory_format=memory_format_for(device))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    views = [torch.randn(batch_size, 3, img_size, img_size, device=device).contiguous(memory_format=memory_format_for(device))
+             for _ in range(2)]
+    dtype = autocast_dtype(device)
+    target = (torch.arange(2 * batch_size, device=device) + batch_size) % (2 * batch_size)
+
+    def step():
+        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            f = net(torch.cat(views)) if one_pass else torch.cat([net(v) for v in views])
+            z = F.normalize(proj(f).float(), dim=1)
+        sim = (z @ z.T / 0.2).fill_diagonal_(float("-inf"))
+        loss = F.cross_entropy(sim, target)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    s_step, wall = _timed(step, device, steps, warmup=max(2, steps // 4))
+    return dict(method="plain simclr", backbone=backbone, img_size=img_size, batch=batch_size, steps=steps,
+                mode="one pass" if one_pass else "per view", precision=precision_name(dtype),
+                img_s=batch_size / s_step, wall_s=wall, final_loss=float("nan"))
+
+
+def measure_views(*, img_size: int, batch_size: int, steps: int, device, images: np.ndarray) -> dict:
+    "DeviceViews alone: two views of a uint8 batch already on the device, no model."
+    device = torch.device(device)
+    cfg = ExperimentConfig(img_size=img_size, batch_size=batch_size, epochs=1)
+    aug = device_views_for(cfg, 2)
+    u8 = torch.from_numpy(images[:batch_size]).permute(0, 3, 1, 2).contiguous().to(device)
+    s_step, wall = _timed(lambda: aug(u8), device, steps, warmup=2)
+    return dict(method="views", backbone="", img_size=img_size, batch=batch_size, steps=steps, mode="DeviceViews alone",
+                precision="fp32", img_s=batch_size / s_step, wall_s=wall)
+
+
+def _images(img_size: int, n: int) -> np.ndarray:
+    return np.random.default_rng(0).integers(0, 256, (min(n, 4096), img_size, img_size, 3), dtype=np.uint8)
+
+
+def measure_throughput(device, plan: list[dict], num_workers: int = 8, deadline: float | None = None) -> pd.DataFrame:
+    """Each row of `plan` (`throughput_plan`) measured in this one process: the loop (`measure_training`), the plain
+    step (`measure_plain_step`) or the views alone (`measure_views`). A row that fails records its error; past
+    `deadline` (a `time.monotonic()` value) the rest are skipped, so the command ends in its time. Loop rows of
+    SimCLR get `plain_img_s` (the plain per-view step, same backbone and size) and `ratio` (loop / plain)."""
+    rows, images = [], {}
+    for spec in plan:
+        base = dict(method=spec["method"], backbone=spec["backbone"], img_size=spec["img_size"], batch=spec["batch"],
+                    mode=("compile" if spec.get("compile") else "eager") if spec["kind"] == "loop"
+                    else ("one pass" if spec.get("one_pass") else "per view") if spec["kind"] == "plain" else "DeviceViews alone")
+        if deadline is not None and time.monotonic() > deadline:
+            rows.append({**base, "error": "skipped: the command's time budget is spent"}); continue
+        px = spec["img_size"]
+        if px not in images: images[px] = _images(px, spec["batch"] * spec["steps"])
+        try:
+            if spec["kind"] == "plain":
+                rows.append(measure_plain_step(spec["backbone"], img_size=px, batch_size=spec["batch"],
+                                               steps=spec["steps"], device=device, one_pass=spec["one_pass"]))
+            elif spec["kind"] == "views":
+                rows.append(measure_views(img_size=px, batch_size=spec["batch"], steps=spec["steps"], device=device,
+                                          images=images[px]))
+            else:
+                rows.append(measure_training(spec["method"], spec["backbone"], img_size=px, batch_size=spec["batch"],
+                                             steps=spec["steps"], log_every=spec["log_every"], compile=spec["compile"],
+                                             device=device, num_workers=num_workers, images=images[px],
+                                             method_kwargs=spec.get("method_kwargs")))
+        except Exception as e:
+            rows.append({**base, "error": f"{type(e).__name__}: {e}"})
+        if torch.device(device).type == "cuda": torch.cuda.empty_cache()
     df = pd.DataFrame(rows)
     if "error" not in df: df["error"] = ""
-    return df.fillna({"error": ""})
+    df = df.fillna({"error": ""})
+    plain = df[(df.method == "plain simclr") & (df["mode"] == "per view") & (df.error == "")]
+    ref = {(r.backbone, r.img_size): r.img_s for r in plain.itertuples()}
+    loop = df.method.eq("simclr")
+    df["plain_img_s"] = [ref.get((b, s), np.nan) if is_loop else np.nan
+                         for b, s, is_loop in zip(df.backbone, df.img_size, loop)]
+    df["ratio"] = df.img_s / df.plain_img_s if "img_s" in df else np.nan
+    return df
+
 
 # %% ../nbs/18_gpucheck.ipynb #79ab28f1
 def measure_two_processes(device, img_size: int, batch_size: int, steps: int, log_every: int, single_img_s: float,
@@ -241,6 +349,7 @@ def main(argv=None) -> int:
                                 description="CUDA checks and training throughput on a GPU machine; one CSV per part.")
     p.add_argument("--out", help="folder for environment.csv, checks.csv, throughput.csv, multi_gpu.csv")
     p.add_argument("--tiny", action="store_true", help="toy sizes (CPU, tests): 32 px, batch 8, 4 steps, eager only")
+    p.add_argument("--small-size", type=int, help="the second image size of the SimCLR rows (default 64)")
     p.add_argument("--device", default="auto")
     p.add_argument("--img-size", type=int); p.add_argument("--batch-size", type=int)
     p.add_argument("--steps", type=int); p.add_argument("--log-every", type=int)
@@ -264,14 +373,14 @@ def main(argv=None) -> int:
     print(environment(device).to_string(index=False), flush=True)
     checks = run_checks(device); _write(checks, out / "checks.csv")
     print(checks[["check", "status", "value", "tolerance"]].to_string(index=False), flush=True)
-    modes = (False,) if a.no_compile or a.tiny else size["compile"]
-    tp = measure_throughput(device, size["img_size"], size["batch_size"], size["steps"], size["log_every"], modes,
-                            0 if device.type == "cpu" else size["num_workers"], deadline=deadline)
+    if a.small_size is not None: size["small_size"] = a.small_size
+    plan = throughput_plan(size, compile=not (a.no_compile or a.tiny))
+    tp = measure_throughput(device, plan, 0 if device.type == "cpu" else size["num_workers"], deadline=deadline)
     _write(tp, out / "throughput.csv")
-    cols = [c for c in ("method", "backbone", "mode", "precision", "img_s", "data_wait", "first_window_s",
-                        "peak_gpu_mib", "target", "error") if c in tp]
+    cols = [c for c in ("method", "backbone", "img_size", "mode", "precision", "img_s", "plain_img_s", "ratio", "data_wait",
+                        "first_window_s", "wall_s", "peak_gpu_mib", "target", "error") if c in tp]
     print(tp[cols].to_string(index=False), flush=True)
-    ok = tp[(tp.method == "simclr") & (tp.backbone == "resnet18") & (tp.error == "")]
+    ok = tp[(tp.method == "simclr") & (tp.backbone == "resnet18") & (tp.img_size == size["img_size"]) & (tp.error == "")]
     single = float(ok.img_s.max()) if len(ok) else float("nan")
     try: multi = measure_two_processes(device, size["img_size"], size["batch_size"], size["steps"], size["log_every"], single)
     except Exception as e: multi = pd.DataFrame([dict(processes=2, status="FAILED", detail=f"{type(e).__name__}: {e}")])

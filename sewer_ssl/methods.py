@@ -118,11 +118,9 @@ def cosine_momentum(step: int, total_steps: int, base: float, end: float) -> flo
 
 @torch.no_grad()
 def ema_update(teacher: nn.Module, student: nn.Module, tau: float) -> None:
-    "teacher <- tau * teacher + (1 - tau) * student, for every parameter (a few fused kernels, not one per tensor)."
-    t = list(teacher.parameters())
-    s = [p.detach() for p in student.parameters()]
-    torch._foreach_mul_(t, tau)
-    torch._foreach_add_(t, s, alpha=1 - tau)
+    """teacher <- tau * teacher + (1 - tau) * student, for every parameter: one fused multi-tensor
+    `lerp` (teacher + (1 - tau) (student - teacher)), not one kernel per tensor."""
+    torch._foreach_lerp_(list(teacher.parameters()), list(student.parameters()), 1 - tau)   # no_grad: no detach needed
 
 
 def make_teacher(module: nn.Module) -> nn.Module:
@@ -204,10 +202,12 @@ class DINOHead(nn.Module):
 
 @torch.no_grad()
 def clip_per_parameter(params, clip: float) -> None:
-    "Scale each parameter's gradient to norm <= `clip` by its own norm (DINO's rule), without a host sync."
-    for p in params:
-        if p.grad is not None:
-            p.grad.mul_((clip / (p.grad.norm() + 1e-6)).clamp(max=1.0))
+    """Scale each parameter's gradient to norm <= `clip` by its own norm (DINO's rule), without a host sync:
+    the norms in one multi-tensor kernel, the factors `min(clip / (norm + 1e-6), 1)` as one vector."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads: return
+    scale = (clip / (torch.stack(torch._foreach_norm(grads)) + 1e-6)).clamp(max=1.0)
+    torch._foreach_mul_(grads, list(scale.to(grads[0].dtype).unbind()))
 
 
 @register_method("dino")

@@ -5,6 +5,7 @@
 # %% ../nbs/07_train.ipynb #3bf44c10
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
@@ -19,7 +20,8 @@ from pathlib import Path
 
 import pandas as pd
 import torch
-from timm.optim import create_optimizer_v2
+from torch.profiler import record_function
+from timm.optim import Lars, create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
 from tqdm.auto import tqdm
 
@@ -30,9 +32,10 @@ from .distributed import (all_reduce_gradients, all_reduce_mean_, all_reduce_sum
                                    world_size)
 
 # %% auto #0
-__all__ = ['PROBE_PREFIX', 'COLLAPSE_FLOOR', 'method_parameters', 'build_optimizer', 'build_scheduler', 'TrainingError',
-           'TrainingInterrupted', 'read_checkpoint', 'pick_device', 'memory_format_for', 'cpu_has_amx_bf16',
-           'autocast_dtype', 'precision_name', 'relative_feature_std', 'monitor_epoch', 'optimisation_step', 'train']
+__all__ = ['PROBE_PREFIX', 'COLLAPSE_FLOOR', 'method_parameters', 'MultiTensorLars', 'build_optimizer', 'build_scheduler',
+           'TrainingError', 'TrainingInterrupted', 'read_checkpoint', 'pick_device', 'memory_format_for',
+           'cpu_has_amx_bf16', 'autocast_dtype', 'precision_name', 'relative_feature_std', 'monitor_epoch',
+           'optimisation_step', 'train']
 
 # %% ../nbs/07_train.ipynb #2d43d1ea
 PROBE_PREFIX = "online_probe."  # the online probe has its own optimiser: it is not part of the method
@@ -43,19 +46,64 @@ def method_parameters(model: torch.nn.Module) -> list:
     return [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith(PROBE_PREFIX)]
 
 
-def build_optimizer(model: torch.nn.Module, cfg: ExperimentConfig, skip=(PROBE_PREFIX,)) -> torch.optim.Optimizer:
+class MultiTensorLars(Lars):
+    """timm's `Lars` (same settings, groups and state, so checkpoints of either load in the other) with
+    the step done on all parameters of a group at once: the norms in one multi-tensor kernel, the
+    trust ratios as one vector, momentum and update as fused multi-tensor ops. timm's own step
+    launches about ten kernels per parameter (timm before 1.0.30 has no multi-tensor form); the
+    arithmetic is the same, operation for operation."""
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad(): loss = closure()
+        for g in self.param_groups:
+            params = [p for p in g["params"] if p.grad is not None]
+            if not params: continue
+            grads = [p.grad for p in params]
+            lr, wd, mom, damp = g["lr"], g["weight_decay"], g["momentum"], g["dampening"]
+            if wd != 0 or g["always_adapt"]:
+                w_norm = torch.stack(torch._foreach_norm(params))
+                g_norm = torch.stack(torch._foreach_norm(grads))
+                ratio = g["trust_coeff"] * w_norm / (g_norm + w_norm * wd + g["eps"])
+                # 1 (no change) where either norm is zero, as timm
+                ratio = torch.where(w_norm > 0, torch.where(g_norm > 0, ratio, 1.0), 1.0)
+                if g["trust_clip"]: ratio = torch.clamp(ratio / lr, max=1.0)
+                grads = torch._foreach_add(grads, params, alpha=wd)   # p.grad left unmodified
+                torch._foreach_mul_(grads, list(ratio.to(grads[0].dtype).unbind()))
+            if mom != 0:
+                bufs = [self.state[p].get("momentum_buffer") for p in params]
+                old = [i for i, b in enumerate(bufs) if b is not None]
+                if old:
+                    torch._foreach_mul_([bufs[i] for i in old], mom)
+                    torch._foreach_add_([bufs[i] for i in old], [grads[i] for i in old], alpha=1.0 - damp)
+                for i, p in enumerate(params):
+                    if bufs[i] is None: bufs[i] = self.state[p]["momentum_buffer"] = torch.clone(grads[i]).detach()
+                grads = torch._foreach_add(grads, bufs, alpha=mom) if g["nesterov"] else bufs
+            torch._foreach_add_(params, grads, alpha=-lr)
+        return loss
+
+
+def build_optimizer(model: torch.nn.Module, cfg: ExperimentConfig, skip=(PROBE_PREFIX,),
+                    multi_tensor: bool = True) -> torch.optim.Optimizer:
     """The paper's optimiser for `cfg.method`. Biases and norm parameters are excluded from weight decay
     (and therefore from LARS adaptation, which timm applies only where weight decay is non-zero).
-    Parameters whose names start with `skip` (the online probe, which has its own optimiser) are left out."""
+    Parameters whose names start with `skip` (the online probe, which has its own optimiser) are left out.
+    `multi_tensor`: LARS as `MultiTensorLars` and, on CUDA, AdamW fused (one kernel for all parameters);
+    False gives timm's per-parameter LARS and PyTorch's default AdamW (the reference the step profile
+    and the tests compare against)."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad or name.startswith(tuple(skip)): continue
         (no_decay if p.ndim <= 1 or name.endswith(".bias") else decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.wd}, {"params": no_decay, "weight_decay": 0.0}]
     if cfg.opt_name == "lars":
+        if multi_tensor:
+            return MultiTensorLars(groups, lr=cfg.peak_lr, momentum=0.9, trust_coeff=0.001)
         return create_optimizer_v2(groups, opt="lars", lr=cfg.peak_lr, momentum=0.9, trust_coeff=0.001)
     betas = tuple(cfg.method_settings.get("betas", (0.9, 0.999)))   # a method's own betas (supervised declares them)
-    return create_optimizer_v2(groups, opt="adamw", lr=cfg.peak_lr, betas=betas)
+    on_cuda = multi_tensor and all(p.is_cuda for p in decay + no_decay)
+    return create_optimizer_v2(groups, opt="adamw", lr=cfg.peak_lr, betas=betas, **({"fused": True} if on_cuda else {}))
 
 
 def build_scheduler(optimizer, cfg: ExperimentConfig, steps_per_epoch: int) -> CosineLRScheduler:
@@ -151,6 +199,23 @@ class _StopSignals:
         for s, old in self._old.items(): signal.signal(s, old)
 
 
+def _loader_worker_init(worker_id: int) -> None:
+    """In each DataLoader worker: SIGTERM and SIGINT are left to the main process. A time limit, a scheduler's
+    pre-emption or Ctrl-C in a terminal signals the whole process group; PyTorch's worker handler dies of a
+    SIGTERM from anyone but its parent, and the run then fails with "DataLoader worker (pid ...) is killed
+    by signal: Terminated" instead of stopping at a checkpoint. The main process shuts its workers down
+    itself; on Linux a worker is also killed when its parent dies, so none is left behind."""
+    import multiprocessing
+    parent = multiprocessing.parent_process()
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if sys.platform.startswith("linux"):
+        import ctypes
+        try: ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)   # PR_SET_PDEATHSIG
+        except OSError: pass
+        if parent is not None and os.getppid() != parent.pid: os._exit(0)   # it died before the line above
+
+
 def _any_process(flag: bool, device) -> bool:
     "True when `flag` is set on any process (so that all of them stop at the same step)."
     if not is_distributed(): return flag
@@ -205,19 +270,29 @@ def optimisation_step(method, opt, views, labels, probe_opt=None, grad_clip: flo
     `(loss, logits)` (None without a probe), with no host sync. `train` and the benchmark both run it."""
     dev = views[0].device
     if isinstance(dtype, str): dtype = autocast_dtype(dev, dtype)
-    with torch.autocast(dev.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+    # the labelled parts are what the step profile (chapter 13b) counts and times
+    # the meta device (the step profile's, chapter 13b) has no autocast: fp32 there
+    amp = (torch.autocast(dev.type, dtype=dtype or torch.float32, enabled=dtype is not None)
+           if dev.type != "meta" else contextlib.nullcontext())
+    with record_function("step: forward"), amp:
         out = (method if forward is None else forward)(views, labels)  # a compiled module has no truth value
     feats = out.pop("feats", None)
-    probe = method.online_probe_loss(feats, labels) if probe_opt is not None and feats is not None else None
+    with record_function("step: online probe"):
+        probe = method.online_probe_loss(feats, labels) if probe_opt is not None and feats is not None else None
     opt.zero_grad(set_to_none=True)
     if probe: probe_opt.zero_grad(set_to_none=True)
-    (out["loss"] + probe[0] if probe else out["loss"]).backward()
-    all_reduce_gradients(method)
-    if grad_clip: torch.nn.utils.clip_grad_norm_(clip_params or method_parameters(method), grad_clip)
-    method.on_before_optimizer_step()
-    opt.step()
-    if probe: probe_opt.step()
-    method.on_step_end()
+    with record_function("step: backward"):
+        (out["loss"] + probe[0] if probe else out["loss"]).backward()
+    with record_function("step: clipping"):
+        all_reduce_gradients(method)
+        if grad_clip: torch.nn.utils.clip_grad_norm_(clip_params or method_parameters(method), grad_clip)
+        method.on_before_optimizer_step()
+    with record_function("step: optimiser"):
+        opt.step()
+    with record_function("step: online probe"):
+        if probe: probe_opt.step()
+    with record_function("step: EMA teacher"):
+        method.on_step_end()
     return {k: v.detach() if torch.is_tensor(v) else v for k, v in out.items()}, probe
 
 # %% ../nbs/07_train.ipynb #b6bbccff
@@ -246,6 +321,7 @@ def _set_up(method: torch.nn.Module, dataset, cfg: ExperimentConfig) -> _Setup:
     device = init_distributed(cfg.device)
     world, rank_ = world_size(), rank()
     method.to(device)
+    if device.type == "cuda": torch.backends.cudnn.benchmark = True   # fastest kernels for the fixed batch shape
     fmt = memory_format_for(device)
     method.to(memory_format=fmt)
     if world > 1:
@@ -319,17 +395,18 @@ def _train_step(s: _Setup, cfg: ExperimentConfig, epoch: int, step: int, x, labe
     torch.manual_seed(_step_seed(cfg.seed, step, s.rank))  # augmentation and masking per step
     s.sched.step_update(step)
     s.method.on_step_start(step, s.steps_per_epoch, s.total_steps)
-    labels = labels.to(s.device, non_blocking=True)
-    if augment is not None:
-        views = augment(x.to(s.device, non_blocking=True))
-    else:
-        views = [v.to(s.device, non_blocking=True) for v in x]
-    views = [v.contiguous(memory_format=s.fmt) for v in views]
+    with record_function("step: host to device"):   # from pinned memory on CUDA: no wait
+        labels = labels.to(s.device, non_blocking=True)
+        x = x.to(s.device, non_blocking=True) if augment is not None else [v.to(s.device, non_blocking=True) for v in x]
+    with record_function("step: views"):
+        views = augment(x) if augment is not None else x
+    with record_function("step: layout"):
+        views = [v.contiguous(memory_format=s.fmt) for v in views]
     # a method that clips its gradients does so in on_before_optimizer_step (DINO: per
     # parameter, backbone only, as the authors)
     out, (probe_loss, probe_logits) = optimisation_step(s.method, s.opt, views, labels, s.probe_opt,
                                                         None, s.train_params, s.forward, s.dtype)
-    with torch.no_grad():
+    with torch.no_grad(), record_function("step: online probe"):
         pred, y = probe_logits.detach() > 0, labels > 0.5
         probe_counts += torch.stack([(pred & y).sum(), (pred & ~y).sum(), (~pred & y).sum()]).float()
     return {"epoch": epoch, "step": step, "lr": s.opt.param_groups[0]["lr"], **out,
@@ -407,7 +484,8 @@ def train(method: torch.nn.Module, dataset, cfg: ExperimentConfig, run_dir=None,
             first = start_batch if epoch == start_epoch else 0
             batches = _epoch_batches(s, len(dataset), cfg.seed, epoch, first)
             loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=cfg.num_workers,
-                                                 pin_memory=s.device.type == "cuda", persistent_workers=False)
+                                                 pin_memory=s.device.type == "cuda", persistent_workers=False,
+                                                 worker_init_fn=_loader_worker_init if cfg.num_workers else None)
             s.method.train()
             bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not progress or s.rank != 0,
                        leave=False, total=len(batches))

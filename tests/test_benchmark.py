@@ -137,3 +137,21 @@ def test_both_view_makers_reduce_to_normalisation_without_augmentation():
         views = make(u8)
         assert len(views) == 2, name
         for v in views: torch.testing.assert_close(v, expected, atol=1e-5, rtol=0, msg=name)
+
+
+def test_the_cpu_step_command_prints_the_profile_before_and_after_and_the_lightly_comparison(tmp_path, capsys):
+    "The quiet-machine command (`python -m sewer_ssl.cpustep --parts profile,precision`) at toy size."
+    from sewer_ssl.cpustep import main
+    args = ["--out", str(tmp_path), "--parts", "profile,precision", "--img-size", "16", "--batch", "4", "--steps", "1",
+            "--warmup", "1", "--methods", "simclr", "--backbones", "resnet18"]
+    assert main(args) == 0
+    prof = pd.read_csv(tmp_path / "cpu_step_profile.csv")
+    assert sorted(zip(prof.method, prof.step)) == sorted((m, s) for m in ("simclr",)
+                                                         for s in ("reference", "multi-tensor"))
+    ref, new = (prof[prof.step == s].set_index("method") for s in ("reference", "multi-tensor"))
+    assert (new.ops_optimiser * 4 < ref.ops_optimiser).all() and (new.syncs == 0).all() and (new.cpu_ms_total > 0).all()
+    assert (new.ops_forward == ref.ops_forward).all() and (new.ops_backward == ref.ops_backward).all()  # same model work
+    prec = pd.read_csv(tmp_path / "cpu_step_precision.csv")
+    assert set(prec.method) == {"simclr"} and (prec.ours_e2e_img_s > 0).all()
+    if HAS_LIGHTLY: assert (prec.ratio_e2e > 0).all()
+    assert "ops_total" in capsys.readouterr().out

@@ -171,3 +171,170 @@ def test_an_unknown_or_unused_method_setting_is_refused(method, setting):
     with pytest.raises(ConfigError, match=rf"method_kwargs \['{setting}'\] are not settings of '{method}'") as err:
         ExperimentConfig(method=method, method_kwargs={setting: 0.1})
     assert f"'{method}' accepts: {', '.join(sorted(METHOD_DEFAULTS[method].extra))}" in str(err.value)
+
+
+# --- the fast step computes what the reference step computes ---------------------------------------------------
+
+def _naive_ema(teacher, student, tau):
+    "The textbook EMA, one parameter at a time."
+    with torch.no_grad():
+        for t, s in zip(teacher.parameters(), student.parameters()): t.copy_(tau * t + (1 - tau) * s)
+
+
+def _naive_clip(params, clip):
+    "DINO's per-parameter clipping as the authors write it, one parameter at a time."
+    for p in params:
+        if p.grad is not None: p.grad.mul_((clip / (p.grad.norm() + 1e-6)).clamp(max=1.0))
+
+
+def test_multi_tensor_lars_matches_timm_lars_step_for_step():
+    from timm.optim import Lars
+    from sewer_ssl.train import MultiTensorLars
+    torch.manual_seed(0)
+    shapes = [(16, 8), (8,), (4, 4, 3, 3), (4,), (3, 5)]
+    ref = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
+    ref[4].data.zero_()                                       # a zero weight: trust ratio 1, as timm
+    new = [torch.nn.Parameter(p.detach().clone()) for p in ref]
+    groups = lambda ps: [{"params": [ps[0], ps[2], ps[4]], "weight_decay": 1e-4}, {"params": [ps[1], ps[3]], "weight_decay": 0.0}]
+    a = Lars(groups(ref), lr=0.3, momentum=0.9, trust_coeff=0.001)
+    b = MultiTensorLars(groups(new), lr=0.3, momentum=0.9, trust_coeff=0.001)
+    g = torch.Generator().manual_seed(1)
+    for step in range(6):
+        for o in (a, b): o.param_groups[0]["lr"] = o.param_groups[1]["lr"] = 0.3 * (step + 1) / 6
+        grads = [torch.randn(s, generator=g) for s in shapes]
+        grads[1].zero_()                                      # a zero gradient: trust ratio 1
+        for ps in (ref, new):
+            for i, p in enumerate(ps): p.grad = None if (step == 2 and i == 3) else grads[i].clone()
+        a.step(); b.step()
+        for p, q in zip(ref, new): torch.testing.assert_close(q, p, rtol=1e-6, atol=1e-7)
+    for p, q in zip(ref, new):
+        torch.testing.assert_close(b.state[q]["momentum_buffer"], a.state[p]["momentum_buffer"], rtol=1e-6, atol=1e-7)
+    b.load_state_dict(a.state_dict())                        # a timm checkpoint resumes in the multi-tensor form
+    assert set(b.state_dict()["param_groups"][0]) >= set(a.state_dict()["param_groups"][0]) - {"foreach"}
+
+
+def test_ema_update_equals_the_textbook_update():
+    from sewer_ssl.methods import ema_update
+    torch.manual_seed(0)
+    student, teacher = torch.nn.Linear(6, 3), torch.nn.Linear(6, 3)
+    ref = torch.nn.Linear(6, 3); ref.load_state_dict(teacher.state_dict())
+    for tau in (0.996, 0.9, 0.5):
+        with torch.no_grad():
+            for p in student.parameters(): p.add_(torch.randn_like(p))
+        ema_update(teacher, student, tau); _naive_ema(ref, student, tau)
+        for p, q in zip(teacher.parameters(), ref.parameters()): torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+
+
+def test_clip_per_parameter_equals_the_loop():
+    from sewer_ssl.methods import clip_per_parameter
+    torch.manual_seed(0)
+    ps = [torch.nn.Parameter(torch.randn(5, 4)) for _ in range(3)] + [torch.nn.Parameter(torch.randn(3))]
+    qs = [torch.nn.Parameter(p.detach().clone()) for p in ps]
+    for p, q, scale in zip(ps, qs, (0.01, 10.0, 0.5, 3.0)):
+        p.grad = torch.randn(p.shape) * scale; q.grad = p.grad.clone()
+    qs[3].grad = ps[3].grad = None
+    clip_per_parameter(ps, 1.0); _naive_clip(qs, 1.0)
+    for p, q in zip(ps, qs[:3]): torch.testing.assert_close(p.grad, q.grad, rtol=1e-6, atol=1e-7)
+    assert any(float(q.grad.norm()) < 1.0 - 1e-3 for q in qs[:3]) and all(float(p.grad.norm()) <= 1 + 1e-5 for p in ps[:3])
+
+
+def test_fused_adamw_matches_the_default_adamw():
+    "What `build_optimizer` asks for on CUDA (fused AdamW), checked where PyTorch also has it: the CPU."
+    torch.manual_seed(0)
+    ref = [torch.nn.Parameter(torch.randn(7, 5)), torch.nn.Parameter(torch.randn(5))]
+    new = [torch.nn.Parameter(p.detach().clone()) for p in ref]
+    a = torch.optim.AdamW(ref, lr=1e-2, weight_decay=0.05)
+    b = torch.optim.AdamW(new, lr=1e-2, weight_decay=0.05, fused=True)
+    for _ in range(5):
+        grads = [torch.randn(p.shape) for p in ref]
+        for p, q, gr in zip(ref, new, grads): p.grad, q.grad = gr.clone(), gr.clone()
+        a.step(); b.step()
+    for p, q in zip(ref, new): torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("method, backbone", [(m, "vit_tiny" if m == "mae" else "resnet18") for m in METHODS])
+def test_the_fast_step_trains_every_method_as_the_reference_step(method, backbone, monkeypatch):
+    """Two steps of `optimisation_step` with the views, probe and hooks of a run: the multi-tensor optimiser,
+    EMA and clipping against timm's per-parameter LARS and the textbook EMA and clipping; same losses, same weights."""
+    import sewer_ssl.methods as M
+    from sewer_ssl.augment import device_views_for
+    from sewer_ssl.train import build_optimizer, optimisation_step
+    cfg = ExperimentConfig(method=method, backbone=backbone, img_size=32, batch_size=8, epochs=1,
+                           method_kwargs={**SMALL[method], **({"decoder_depth": 1} if method == "mae" else {})})
+    u8 = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(3))
+    labels = (torch.arange(8) % 3 == 0).float()
+    runs = []
+    for reference in (True, False):
+        with monkeypatch.context() as mp:
+            if reference:
+                mp.setattr(M, "ema_update", _naive_ema); mp.setattr(M, "clip_per_parameter", _naive_clip)
+            torch.manual_seed(0)
+            model = build_method(cfg).train()
+            init = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            opt = build_optimizer(model, cfg, multi_tensor=not reference)
+            probe_opt = torch.optim.AdamW(model.online_probe.parameters(), lr=1e-3, weight_decay=0.0)
+            views_of = device_views_for(cfg, model.n_views)
+            losses = []
+            for step in range(2):
+                torch.manual_seed(step)
+                for g in opt.param_groups: g["lr"] = cfg.peak_lr   # the schedule's first steps would be ~0
+                model.on_step_start(step, 1, 2)
+                out, _ = optimisation_step(model, opt, views_of(u8), labels, probe_opt, dtype=None)
+                losses.append(float(out["loss"]))
+            runs.append((losses, {k: v.detach().clone() for k, v in model.state_dict().items()}))
+            first_init = init if reference else first_init
+    (l_ref, w_ref), (l_new, w_new) = runs
+    init = first_init
+    assert l_new == pytest.approx(l_ref, rel=1e-4, abs=1e-5)
+    for k in w_ref:
+        torch.testing.assert_close(w_new[k], w_ref[k], rtol=1e-3, atol=1e-5, msg=lambda m, k=k: f"{k}: {m}")
+    moved = [k for k in w_ref if w_ref[k].is_floating_point() and not torch.allclose(w_ref[k], init[k])]
+    assert len(moved) > len(w_ref) // 3, "the steps must move the weights for the comparison to mean anything"
+    if method in ("byol", "dino"):   # the teacher moved by EMA, by the same amount in both
+        assert any(k.startswith("teacher.") for k in moved)
+
+
+_GROUP_SIGTERM = """
+import os, signal, sys, threading, time
+import numpy as np, torch
+from sewer_ssl.augment import CachedImages, device_views_for
+from sewer_ssl.config import ExperimentConfig
+from sewer_ssl.methods import build_method
+from sewer_ssl.train import TrainingInterrupted, train
+torch.set_num_threads(1)
+
+class Slow(CachedImages):
+    def __getitem__(self, i):
+        time.sleep(0.02); return super().__getitem__(i)
+
+images = np.random.default_rng(0).integers(0, 256, (48, 16, 16, 3), dtype=np.uint8)
+def run(epochs, run_dir):
+    cfg = ExperimentConfig(method="simclr", backbone="resnet18", img_size=16, batch_size=8, epochs=epochs,
+                           device="cpu", num_workers=2, method_kwargs=dict(proj_hidden=32, proj_dim=16))
+    model = build_method(cfg)
+    return train(model, Slow(images, np.arange(48), np.arange(48) % 5 == 0), cfg, run_dir=run_dir, progress=False,
+                 log_every=1, augment=device_views_for(cfg, model.n_views))
+run(1, None)                                   # a first training; its loader's workers shut down
+print("second training", flush=True)
+try:
+    run(50, sys.argv[1]); print("not interrupted")
+except TrainingInterrupted as e:
+    print("interrupted:", e)
+"""
+
+
+def test_sigterm_to_the_process_group_stops_at_a_checkpoint_with_loader_workers(tmp_path):
+    """A SIGTERM to the whole process group (a time limit, a scheduler) during the second training of a process,
+    with loader workers: the run stops with a checkpoint, not with "DataLoader worker ... killed by signal"."""
+    import os, signal, subprocess, sys, time
+    p = subprocess.Popen([sys.executable, "-c", _GROUP_SIGTERM, str(tmp_path)], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        assert p.stdout.readline().startswith("second training")
+        time.sleep(2)
+        os.killpg(p.pid, signal.SIGTERM)   # from outside the group, as a time limit or scheduler sends it
+        out, err = p.communicate(timeout=120)
+    finally:
+        if p.poll() is None: os.killpg(p.pid, signal.SIGKILL)
+    assert "interrupted: SIGTERM" in out, (out[-1000:], err[-3000:])
+    assert "killed by signal" not in err and (tmp_path / "checkpoint.pt").is_file()
