@@ -89,7 +89,7 @@ def _check_names(names: pd.Series, csv_path) -> None:
 def _check_files(names: pd.Series, root: Path, csv_path) -> None:
     "Every name is a file inside `root`: list each folder once, resolve only symbolic links."
     parent, _, base = (s for _, s in names.str.rpartition("/").items())
-    missing, escaped = [], []
+    missing, escaped, loops = [], [], []
     for folder, group in base.groupby(parent.to_numpy(), sort=False):
         folder_path = root / folder if folder else root
         real_folder = os.path.realpath(folder_path)
@@ -103,11 +103,23 @@ def _check_files(names: pd.Series, root: Path, csv_path) -> None:
                     if entry.is_symlink(): links.append(entry.name)
         except (FileNotFoundError, NotADirectoryError):
             pass
+        except OSError as e:       # the folder itself is a link that loops
+            if e.errno != errno.ELOOP: raise
+            loops.extend((folder + "/" + group).tolist()); continue
         present = group.isin(files)
-        missing.extend(names[group.index[~present.to_numpy()]].tolist())
+        absent = names[group.index[~present.to_numpy()]].tolist()
+        for link in set(links) & set(group[~present.to_numpy()]):   # a link that leads nowhere: say which way
+            try: os.stat(os.path.join(folder_path, link))
+            except OSError as e:
+                if e.errno == errno.ELOOP: loops.append(f"{folder}/{link}" if folder else link)
+        missing.extend(a for a in absent if a not in loops)
         for link in set(links) & set(group):
             if not _is_within(os.path.realpath(os.path.join(folder_path, link)), str(root)):
                 escaped.append(f"{folder}/{link}" if folder else link)
+    if loops:
+        raise DataError(f"{csv_path}: {len(loops)} image(s) are symbolic links that loop (each leads back to "
+                        f"itself): {_preview(loops)}; replace each link with the image file or a link to it, or drop "
+                        "those rows from the CSV")
     if escaped:
         raise DataError(f"{csv_path}: {len(escaped)} image(s) resolve outside the image folder {root} "
                         f"through symbolic links: {_preview(escaped)}; move them into the folder")

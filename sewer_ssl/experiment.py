@@ -209,13 +209,13 @@ def run_experiment(cfg: ExperimentConfig, progress: bool = True, workers: int | 
     index = load_index(data_cfg)
     splits = make_splits(index, data_cfg)
     train_df, val_pool, test_pool = splits["train"], splits["val"], splits["test"]
+    check_pools(val_pool)
     # every run, whatever its seed, is scored on the same test images; an unreachable test
     # proportion fails here, before anything is trained or written
     test_sets(test_pool, cfg.test_ps, PAPER_SEED)
     if len(train_df) < 2:
         raise DataError(f"the training set holds {len(train_df)} image(s) (train_p={cfg.train_p}, sample_frac="
                         f"{cfg.sample_frac}, max_train={cfg.max_train}); a batch needs at least 2")
-    check_pools(val_pool)
     check_settings_fit(cfg)
     # the batch a step really sees: the learning rate is scaled for it, not for a batch that never happens
     train_cfg = cfg.replace(batch_size=min(cfg.batch_size, len(train_df)))
