@@ -369,6 +369,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '', 'doc_host': '', 'git_url
                                     'sewer_ssl.evidence.weighted_auroc': ('evidence.html#weighted_auroc', 'sewer_ssl/evidence.py')},
             'sewer_ssl.experiment': { 'sewer_ssl.experiment._field_defaults': ( 'experiment.html#_field_defaults',
                                                                                 'sewer_ssl/experiment.py'),
+                                      'sewer_ssl.experiment._first_process': ('experiment.html#_first_process', 'sewer_ssl/experiment.py'),
                                       'sewer_ssl.experiment._json_ready': ('experiment.html#_json_ready', 'sewer_ssl/experiment.py'),
                                       'sewer_ssl.experiment._last_epoch': ('experiment.html#_last_epoch', 'sewer_ssl/experiment.py'),
                                       'sewer_ssl.experiment._run_locked': ('experiment.html#_run_locked', 'sewer_ssl/experiment.py'),

@@ -167,6 +167,11 @@ def prepare_resume(run_dir: Path, cfg: ExperimentConfig) -> dict:
     return added
 
 
+def _first_process() -> bool:
+    "Rank 0, also before the process group is joined (torchrun gives every process it starts its RANK)."
+    return is_main_process() and int(os.environ.get("RANK", "0")) == 0
+
+
 def check_pools(val_pool: pd.DataFrame) -> None:
     "The validation pool must hold normal and defect images: thresholds and operating points are chosen on it."
     n_def = int(val_pool["Defect"].sum())
@@ -228,7 +233,7 @@ def run_experiment(cfg: ExperimentConfig, progress: bool = True, workers: int | 
     fingerprints = index.fingerprints(pools, cache_root / "hashes")
     run_dir = resolve(cfg.run_dir)
     with contextlib.ExitStack() as held:
-        if is_main_process():   # one writer per run folder, for the whole run
+        if _first_process():   # one writer per run folder, for the whole run
             held.enter_context(folder_lock(run_dir, f"run folder {run_dir}"))
         return _run_locked(cfg, train_cfg, index, splits, pools, fingerprints, run_dir, t_start, progress, workers)
 
@@ -238,7 +243,7 @@ def _run_locked(cfg, train_cfg, index, splits, pools, fingerprints, run_dir, t_s
     train_df, val_pool, test_pool = pools["train"], pools["val"], pools["test"]
     # a folder describes one run: settings or data that do not fit what is there fail here, before any write
     changed = []
-    if is_main_process():
+    if _first_process():
         check_run_folder(run_dir, cfg)
         changed = check_run_data(run_dir, fingerprints)
         prepare_resume(run_dir, train_cfg)
