@@ -383,6 +383,8 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '', 'doc_host': '', 'git_url
                                       'sewer_ssl.experiment.main': ('experiment.html#main', 'sewer_ssl/experiment.py'),
                                       'sewer_ssl.experiment.parse_overrides': ( 'experiment.html#parse_overrides',
                                                                                 'sewer_ssl/experiment.py'),
+                                      'sewer_ssl.experiment.pickle_payload_message': ( 'experiment.html#pickle_payload_message',
+                                                                                       'sewer_ssl/experiment.py'),
                                       'sewer_ssl.experiment.prepare_resume': ('experiment.html#prepare_resume', 'sewer_ssl/experiment.py'),
                                       'sewer_ssl.experiment.resolve': ('experiment.html#resolve', 'sewer_ssl/experiment.py'),
                                       'sewer_ssl.experiment.run_experiment': ('experiment.html#run_experiment', 'sewer_ssl/experiment.py'),

@@ -40,9 +40,9 @@ from sklearn.metrics import roc_auc_score
 
 # %% auto #0
 __all__ = ['METRIC_COLUMNS', 'MONITOR_IMAGES', 'DETECTOR_FILE', 'DATA_FILE', 'LIDAR_IMAGES', 'LIDAR_VIEWS', 'CONFIG_FIELDS',
-           'resolve', 'check_settings_fit', 'check_run_folder', 'check_run_data', 'prepare_resume', 'check_pools',
-           'view_embeddings', 'run_experiment', 'summary_table', 'typed_setting', 'config_from', 'parse_overrides',
-           'main']
+           'resolve', 'check_settings_fit', 'check_run_folder', 'check_run_data', 'pickle_payload_message',
+           'prepare_resume', 'check_pools', 'view_embeddings', 'run_experiment', 'summary_table', 'typed_setting',
+           'config_from', 'parse_overrides', 'main']
 
 # %% ../nbs/10_experiment.ipynb #5f3752fd
 def resolve(path) -> Path:
@@ -134,6 +134,14 @@ def _field_defaults() -> dict:
     return out
 
 
+def pickle_payload_message(path, e: Exception) -> str:
+    "What to say of a checkpoint that holds pickled objects (torch's own advice, to load it unsafely, is not repeated)."
+    found = re.search(r"GLOBAL (\S+)", str(e))
+    return (f"{path} holds pickled Python objects, not only tensors ({'it calls ' + found[1] if found else 'unsupported content'}), "
+            "so it is not loaded: unpickling could run code hidden in it, and a checkpoint this project writes never "
+            "holds any. Delete that file to train this run afresh (or set overwrite=True, which deletes the whole run folder)")
+
+
 def prepare_resume(run_dir: Path, cfg: ExperimentConfig) -> dict:
     """Check `run_dir/checkpoint.pt` before training resumes from it: a pickle payload is refused without being
     run; settings added to ExperimentConfig since it was written take their defaults (recorded in the
@@ -143,11 +151,7 @@ def prepare_resume(run_dir: Path, cfg: ExperimentConfig) -> dict:
     if not path.is_file(): return {}
     try: state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        found = re.search(r"GLOBAL (\S+)", str(e))
-        raise TrainingError(f"{path} holds pickled Python objects, not only tensors ({'it calls ' + found[1] if found else 'unsupported content'}), "
-                            "so it is not loaded: unpickling could run code hidden in it, and a checkpoint this project "
-                            "writes never holds any. Delete that file to train this run afresh (or set overwrite=True, "
-                            "which deletes the whole run folder)") from None
+        raise TrainingError(pickle_payload_message(path, e)) from None
     except (RuntimeError, EOFError, OSError, ValueError):
         return {}   # damaged: training's reader names it with the fix
     saved, want = dict(state.get("signature") or {}), _train_signature(cfg)

@@ -11,6 +11,7 @@ import builtins
 import copy
 import html
 import json
+import pickle
 import sys
 import tempfile
 import time
@@ -25,7 +26,7 @@ from torch import nn
 from .config import NORM_MEAN, NORM_STD, ExperimentConfig
 from .data import decode_image
 from .evaluate import OPERATING_POINTS, LinearProbe, extract_features, knn_scores
-from .experiment import DETECTOR_FILE
+from .experiment import DETECTOR_FILE, pickle_payload_message
 from .explorers import load_run
 from .files import atomic_write, atomic_write_text
 from .train import TrainingError
@@ -65,6 +66,8 @@ class Detector:
                                   "checkpoint.pt holds the trained weights; train the run (again) to have it"))
         try: cfg, method = load_run(run_dir, device)
         except TrainingError as e: raise PredictError(str(e)) from None   # a damaged checkpoint, named with the fix
+        except pickle.UnpicklingError as e:                                # never the advice to load it unsafely
+            raise PredictError(pickle_payload_message(run_dir / "checkpoint.pt", e)) from None
         with np.load(run_dir / DETECTOR_FILE, allow_pickle=False) as f: saved = {k: f[k] for k in f.files}
         thresholds = {name: float(saved[f"threshold__{name}"]) for name in OPERATING_POINTS}
         return cls(cfg, method, LinearProbe.from_state(saved), saved, thresholds, device)

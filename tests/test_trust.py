@@ -318,3 +318,13 @@ def test_late_failures_predict_reads_a_csv_as_training_does(tmp_path):
     assert collect_inputs([tmp_path / "list.csv"]) == [tmp_path / "007.png"]
     (tmp_path / "codes.csv").write_text("Filename\n007\n")
     assert collect_inputs([tmp_path / "codes.csv"]) == [tmp_path / "007"]
+
+
+def test_late_failures_predict_refuses_a_pickle_payload_without_the_unsafe_advice(copy_of):
+    from sewer_ssl.predict import Detector, PredictError
+    tmp, _ = copy_of
+    run = _cfg(tmp).run_dir
+    torch.save({"model": {}, "payload": print}, run / "checkpoint.pt")
+    with pytest.raises(PredictError, match=r"holds pickled Python objects.*not loaded") as e:
+        Detector.load(run)
+    assert "weights_only" not in str(e.value)
