@@ -97,7 +97,8 @@ def extract_splits(module: torch.nn.Module, fn, images, rows: dict, keys: dict |
         else:
             out[name] = extract_features(module, fn, images, r, batch_size, device)
             computed.append(name)
-            log[name] = "re-extracted (data changed)" if same_names else "extracted"
+            # a file written before features recorded their data (None) cannot say whether the data changed
+            log[name] = "re-extracted (data changed)" if same_names and stored[name][2] is not None else "extracted"
     if cache_path and computed:
         arrays = {"fingerprint": np.array(tag)}
         for name, (k, f, d) in {**stored, **{n: (keys[n], out[n], data[n]) for n in rows}}.items():
