@@ -15,6 +15,7 @@ import shutil
 import socket
 import time
 import uuid
+import warnings
 from pathlib import Path
 
 # %% auto #0
@@ -138,6 +139,7 @@ def folder_lock(folder, what: str | None = None, lock_file=None):
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
+        locked = True
         try: fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             try: holder = json.loads(os.pread(fd, 4096, 0) or b"{}")
@@ -145,11 +147,18 @@ def folder_lock(folder, what: str | None = None, lock_file=None):
             raise FolderBusy(f"{what or folder} is in use by process {holder.get('pid', '?')} on host "
                              f"{holder.get('host', '?')} (since {holder.get('since', '?')}); one process writes a "
                              "folder at a time. Wait until it ends, stop it, or choose another run_id") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps(dict(pid=os.getpid(), host=socket.gethostname(),
-                                      since=time.strftime("%Y-%m-%dT%H:%M:%S"))).encode(), 0)
+        except OSError as e:   # a file system without locks (some network mounts): said, not fatal
+            if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS): raise
+            warnings.warn(f"{what or folder} cannot be locked ({path}: {e.strerror}): this file system does not "
+                          "support locks, so nothing stops a second process from writing it; run one at a time")
+            locked = False
+        if locked:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, json.dumps(dict(pid=os.getpid(), host=socket.gethostname(),
+                                          since=time.strftime("%Y-%m-%dT%H:%M:%S"))).encode(), 0)
         try: yield path
-        finally: os.ftruncate(fd, 0)   # no stale holder is named once the lock is free
+        finally:
+            if locked: os.ftruncate(fd, 0)   # no stale holder is named once the lock is free
     finally:
         os.close(fd)                   # releases the lock
 

@@ -328,3 +328,13 @@ def test_late_failures_predict_refuses_a_pickle_payload_without_the_unsafe_advic
     with pytest.raises(PredictError, match=r"holds pickled Python objects.*not loaded") as e:
         Detector.load(run)
     assert "weights_only" not in str(e.value)
+
+
+def test_4_a_file_system_without_locks_is_said_not_fatal(tmp_path, monkeypatch):
+    import errno
+    import fcntl
+    def no_locks(fd, op): raise OSError(errno.ENOLCK, "No locks available")
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with pytest.warns(UserWarning, match="cannot be locked.*does not support locks"):
+        with folder_lock(tmp_path / "run"): ran = True
+    assert ran
