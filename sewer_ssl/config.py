@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -139,8 +140,16 @@ def _parse_dict(name, value):
 
 
 def _check_positive(name, v, kind=int):
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or (kind is int and v != int(v)) or v <= 0:
-        raise ConfigError(f"{name} must be a positive {'integer' if kind is int else 'number'}, got {v!r}")
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or (kind is int and v != int(v)) or v <= 0:
+        raise ConfigError(f"{name} must be a positive {'integer' if kind is int else 'number'}, got {v!r}"
+                          + ("; NaN and infinity are not learning rates or sizes: give a number such as 0.01"
+                             if isinstance(v, float) and not math.isfinite(v) else ""))
+
+
+def _check_non_negative(name, v, example: str):
+    "A finite number >= 0 (weight decay, the final learning rate)."
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+        raise ConfigError(f"{name} must be a finite number >= 0, e.g. {example}; got {v!r}")
 
 
 @dataclass
@@ -229,6 +238,8 @@ class ExperimentConfig:
         if self.max_train is not None: _check_positive("max_train", self.max_train)
         for name in ("lr", "warmup_lr", "probe_lr"):
             if getattr(self, name) is not None: _check_positive(name, getattr(self, name), float)
+        if self.weight_decay is not None: _check_non_negative("weight_decay", self.weight_decay, "0.05")
+        _check_non_negative("min_lr", self.min_lr, "1e-6 (the cosine schedule ends there)")
         if self.warmup_epochs is not None and not 0 <= self.warmup_epochs < self.epochs:
             raise ConfigError(f"warmup_epochs must be in [0, epochs={self.epochs}), got {self.warmup_epochs!r}")
         if self.optimizer is not None: _check_choice("optimizer", self.optimizer, ("lars", "adamw"))

@@ -101,13 +101,18 @@ def recalibrate_batchnorm(model: nn.Module, images, rows, batch_size: int = 256,
 
 # %% ../nbs/09a_controls.ipynb #8c2cc59c
 CONTROLS = ("image_statistics", "untrained")
-_CONTROLS_VERSION = 1
+_CONTROLS_VERSION = 2   # 2: keyed on the pixels and the labels too
 
 
-def _control_key(backbone: nn.Module, images, names: dict, extra: str) -> str:
+def _control_key(backbone: nn.Module, images, rows: dict, names: dict, y_train, data: dict | None, extra: str) -> str:
+    """What the controls are computed from: weights, settings, image size, each split's names, the training
+    labels, and each split's pixels -- its `data_fingerprint` (`data`) or, without one, the cached bytes."""
     h = hashlib.sha1(f"v{_CONTROLS_VERSION}|{extra}|{tuple(images.shape[1:])}|{model_fingerprint(backbone)}".encode())
     for split in sorted(names):
         h.update(f"|{split}:".encode()); h.update("\n".join(map(str, names[split])).encode())
+        if data is not None and split in data: h.update(f"|data:{data[split]}".encode())
+        else: h.update(np.ascontiguousarray(images[np.asarray(rows[split])]).tobytes())
+    h.update(np.asarray(y_train).astype(np.int8).tobytes())
     return h.hexdigest()[:20]
 
 
@@ -120,11 +125,12 @@ def _load(path: Path) -> dict | None:
 
 def control_scores(backbone: nn.Module, images, rows: dict, names: dict, y_train, *, architecture: str = "",
                    probe_epochs: int = 300, probe_lr: float = 1e-2, seed: int = 42, device="cpu",
-                   cache_dir=None) -> dict:
+                   cache_dir=None, data: dict | None = None) -> dict:
     """control -> {"val": logits, "test": logits, "knn": test kNN scores} for `CONTROLS`. `rows` and
     `names`: split ("train", "val", "test") -> cache rows and file names; `backbone` untrained (it is
-    copied, not changed); `architecture` names what the weights do not (e.g. the ViT's heads)."""
-    key = _control_key(backbone, images, names, f"{architecture}|{probe_epochs}|{probe_lr}|{seed}")
+    copied, not changed); `architecture` names what the weights do not (e.g. the ViT's heads). `data`: split
+    -> `data.data_fingerprint` (pixels and labels), which keys the cache; without it the cached pixels do."""
+    key = _control_key(backbone, images, rows, names, y_train, data, f"{architecture}|{probe_epochs}|{probe_lr}|{seed}")
     path = Path(cache_dir) / f"controls-{key}.npz" if cache_dir else None
     stored = _load(path) if path else None
     if stored is not None:

@@ -13,7 +13,9 @@ import re
 import shutil
 import warnings
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import dataclass
+import errno
+import zipfile
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +30,8 @@ from .files import atomic_write, sweep_temporaries, temporary_sibling
 __all__ = ['PAPER_SEED', 'DATASET_READERS', 'CacheInterrupted', 'DataError', 'safe_image_path', 'read_sewer_csv',
            'write_demo_folder', 'code_combination', 'allocate_proportional', 'stratified_split', 'stratified_sample',
            'imbalance_counts', 'sample_imbalanced', 'SewerIndex', 'cap_keep_proportion', 'make_splits', 'test_sets',
-           'describe_splits', 'decode_image', 'die_with_parent', 'image_stamps', 'ImageCache', 'load_index']
+           'describe_splits', 'decode_image', 'die_with_parent', 'file_hashes', 'data_fingerprint', 'ImageCache',
+           'load_index']
 
 # %% ../nbs/02_data.ipynb #3b3259c9
 class CacheInterrupted(RuntimeError):
@@ -86,7 +89,7 @@ def _check_names(names: pd.Series, csv_path) -> None:
 def _check_files(names: pd.Series, root: Path, csv_path) -> None:
     "Every name is a file inside `root`: list each folder once, resolve only symbolic links."
     parent, _, base = (s for _, s in names.str.rpartition("/").items())
-    missing, escaped = [], []
+    missing, escaped, loops = [], [], []
     for folder, group in base.groupby(parent.to_numpy(), sort=False):
         folder_path = root / folder if folder else root
         real_folder = os.path.realpath(folder_path)
@@ -100,11 +103,23 @@ def _check_files(names: pd.Series, root: Path, csv_path) -> None:
                     if entry.is_symlink(): links.append(entry.name)
         except (FileNotFoundError, NotADirectoryError):
             pass
+        except OSError as e:       # the folder itself is a link that loops
+            if e.errno != errno.ELOOP: raise
+            loops.extend((folder + "/" + group).tolist()); continue
         present = group.isin(files)
-        missing.extend(names[group.index[~present.to_numpy()]].tolist())
+        absent = names[group.index[~present.to_numpy()]].tolist()
+        for link in set(links) & set(group[~present.to_numpy()]):   # a link that leads nowhere: say which way
+            try: os.stat(os.path.join(folder_path, link))
+            except OSError as e:
+                if e.errno == errno.ELOOP: loops.append(f"{folder}/{link}" if folder else link)
+        missing.extend(a for a in absent if a not in loops)
         for link in set(links) & set(group):
             if not _is_within(os.path.realpath(os.path.join(folder_path, link)), str(root)):
                 escaped.append(f"{folder}/{link}" if folder else link)
+    if loops:
+        raise DataError(f"{csv_path}: {len(loops)} image(s) are symbolic links that loop (each leads back to "
+                        f"itself): {_preview(loops)}; replace each link with the image file or a link to it, or drop "
+                        "those rows from the CSV")
     if escaped:
         raise DataError(f"{csv_path}: {len(escaped)} image(s) resolve outside the image folder {root} "
                         f"through symbolic links: {_preview(escaped)}; move them into the folder")
@@ -313,7 +328,20 @@ class SewerIndex:
     train: pd.DataFrame
     val: pd.DataFrame
     image_dir: Path
-    sources: tuple = ()        # the CSV files read, part of the image cache's identity
+    sources: tuple = ()        # the CSV files read
+    _hashes: object = field(default=None, repr=False, compare=False)   # content digests, computed once
+
+    def content_hashes(self, store_dir=None) -> pd.Series:
+        "File name -> content digest of every image of both CSVs (`file_hashes`, computed once per index)."
+        if self._hashes is None:
+            names = pd.concat([self.train["Filename"], self.val["Filename"]], ignore_index=True)
+            self._hashes = file_hashes(self.image_dir, names, store_dir)
+        return self._hashes
+
+    def fingerprints(self, tables: dict, store_dir=None) -> dict:
+        "name -> `data_fingerprint` of each table (e.g. a run's train, val and test splits) of this index."
+        hashes = self.content_hashes(store_dir)
+        return {k: data_fingerprint(t, hashes) for k, t in tables.items()}
 
 
 def cap_keep_proportion(df: pd.DataFrame, n: int, seed: int = 42) -> pd.DataFrame:
@@ -376,12 +404,16 @@ def describe_splits(splits: dict) -> pd.DataFrame:
 # %% ../nbs/02_data.ipynb #6e6e2486
 def _to_rgb(im: Image.Image) -> Image.Image:
     """Any PIL mode as 8-bit RGB (16-bit grayscale keeps its top 8 bits, whatever the image's own range, so a
-    pixel value means the same fraction of full scale in every image; alpha dropped)."""
+    pixel value means the same fraction of full scale in every image; alpha dropped). A float image (mode F)
+    whose values all lie in [0, 1] holds fractions of full scale and is scaled by 255; any other float image
+    is read as 0-255 values (clipped, NaN as 0)."""
     if im.mode.startswith("I;16") or im.mode == "I":
         a = np.asarray(im).astype(np.int64)
         im = Image.fromarray((np.clip(a, 0, 65535) >> 8).astype(np.uint8), "L")
     elif im.mode == "F":
-        im = Image.fromarray(np.clip(np.asarray(im), 0, 255).astype(np.uint8), "L")
+        a = np.nan_to_num(np.asarray(im, np.float64), nan=0.0, posinf=255.0, neginf=0.0)
+        if a.size and a.min() >= 0 and a.max() <= 1: a = a * 255
+        im = Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), "L")
     elif im.mode in ("P", "PA", "LA", "L") and "transparency" in im.info:
         im = im.convert("RGBA")
     return im if im.mode == "RGB" else im.convert("RGB")
@@ -413,7 +445,7 @@ def _decode_chunk(images_path: str, shape: tuple, image_dir: str, names: list, r
     return ok, failed
 
 # %% ../nbs/02_data.ipynb #8e0be429
-_CACHE_VERSION = 1
+_CACHE_VERSION = 2   # 2: keyed on the files' content digests
 
 
 def die_with_parent() -> None:
@@ -443,37 +475,111 @@ def _end_with_children(signum, frame):
     os._exit(128 + signum)
 
 
-def image_stamps(image_dir, names) -> str:
-    """SHA-1 of every image file's size and modification time: a rewritten, added or removed image
-    changes it, so the cache follows the images and not only the CSVs (one `stat` per file, no read)."""
-    h, root = hashlib.sha1(), Path(image_dir)
-    for name in names:
-        try: st = os.stat(root / str(name))
-        except OSError: h.update(f"{name}:missing;".encode()); continue
-        h.update(f"{name}:{st.st_size}:{st.st_mtime_ns};".encode())
+_HASH_STORE_VERSION = 1
+_STAT_COLUMNS = ("size", "mtime_ns", "ctime_ns", "inode")
+
+
+def _content_digest(path) -> str:
+    "BLAKE2b-128 of a file's bytes, as hex."
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, lambda: hashlib.blake2b(digest_size=16)).hexdigest()
+
+
+def _stat_or_explain(path: Path, name: str):
+    "The file's stat, None when it is missing, or a `DataError` naming a link loop or an unreadable entry."
+    try: return os.stat(path)
+    except FileNotFoundError: return None
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise DataError(f"image {name!r} is a symbolic link that loops ({path} leads back to itself); replace "
+                            "the link with the image file or a link to it, or remove its row from the CSV") from None
+        raise DataError(f"image {name!r} cannot be examined ({path}: {e.strerror}); fix the file or its "
+                        "folder's permissions, or remove its row from the CSV") from None
+
+
+def _hash_store_path(store_dir, root: Path) -> Path:
+    label = re.sub(r"[^A-Za-z0-9_.-]", "_", root.name)[:40] or "images"
+    return Path(store_dir) / f"{label}-{hashlib.sha1(str(root).encode()).hexdigest()[:12]}.npz"
+
+
+def _read_hash_store(path: Path) -> pd.DataFrame:
+    "name -> stat columns and digest from a store file; empty when it is absent or damaged (then rebuilt)."
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            if int(f["version"]) != _HASH_STORE_VERSION: raise ValueError("other version")
+            table = pd.DataFrame(f["stats"], columns=list(_STAT_COLUMNS), index=pd.Index(f["names"].astype(str)))
+            table["digest"] = f["digests"].astype(str)
+            return table
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+        return pd.DataFrame(columns=[*_STAT_COLUMNS, "digest"])
+
+
+def file_hashes(image_dir, names, store_dir=None) -> pd.Series:
+    """File name -> BLAKE2b-128 digest of the file's bytes ("missing" for an absent file). With `store_dir`,
+    digests are kept there and reused while a file's size, mtime_ns, ctime_ns and inode are unchanged: a later
+    call costs one `stat` per file and reads only files that changed. Swapping two files of equal size and
+    time changes their inodes; rewriting one in place changes its ctime."""
+    root = Path(image_dir).resolve()
+    names = pd.Index(pd.unique(pd.Series(list(names), dtype=object).astype(str)))
+    stats = np.full((len(names), len(_STAT_COLUMNS)), -1, np.int64)
+    for i, name in enumerate(names):
+        st = _stat_or_explain(root / name, name)
+        if st is not None: stats[i] = (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
+    path = _hash_store_path(store_dir, root) if store_dir is not None else None
+    stored = _read_hash_store(path) if path is not None else pd.DataFrame(columns=[*_STAT_COLUMNS, "digest"])
+    known = stored.reindex(names)
+    same = (known[list(_STAT_COLUMNS)].to_numpy(np.float64) == stats).all(1) & known["digest"].notna().to_numpy()
+    digests = known["digest"].to_numpy(object, copy=True)
+    for i in np.flatnonzero(~same):
+        digests[i] = "missing" if stats[i, 0] < 0 else _content_digest(root / names[i])
+    out = pd.Series(digests.astype(str), index=names, name="digest")
+    if path is not None and not same.all():   # the store keeps files of other callers too
+        table = pd.DataFrame(stats, columns=list(_STAT_COLUMNS), index=names).assign(digest=out)
+        table = pd.concat([stored[~stored.index.isin(names)], table])
+        arrays = dict(version=np.int64(_HASH_STORE_VERSION), names=table.index.to_numpy().astype(str),
+                      stats=table[list(_STAT_COLUMNS)].to_numpy(np.int64), digests=table["digest"].to_numpy().astype(str))
+        def write(tmp):
+            with open(tmp, "wb") as fh: np.savez(fh, **arrays)
+        atomic_write(path, write)
+    return out
+
+
+def data_fingerprint(table: pd.DataFrame, hashes: pd.Series) -> str:
+    """SHA-1 of what a table holds: each image's name and content digest (`hashes`: name -> digest) and its
+    labels (Defect and the code columns present), whatever the row order. Equal exactly when the images and
+    the labels are."""
+    cols = [c for c in ("Defect", *CODES) if c in table.columns]
+    t = table.sort_values("Filename", kind="stable")
+    digest = hashes.reindex(t["Filename"].astype(str))
+    if digest.isna().any():
+        raise DataError(f"{int(digest.isna().sum())} image(s) have no content digest "
+                        f"({_preview(t['Filename'][digest.isna().to_numpy()], 5)}); hash the same index's files")
+    labels = np.ascontiguousarray(t[cols].to_numpy(np.uint8) + ord("0"))
+    labels = labels.view(f"S{len(cols)}").ravel().astype(str) if len(cols) else np.full(len(t), "")
+    h = hashlib.sha1(("|".join(cols) + "\n").encode())
+    h.update("\n".join(t["Filename"].astype(str) + "\t" + digest.to_numpy() + "\t" + labels).encode())
     return h.hexdigest()
-
-
-def _files_fingerprint(paths) -> str:
-    "Size and modification time of each file: changes when a dataset is regenerated."
-    parts = []
-    for p in paths:
-        st = Path(p).stat(); parts.append(f"{Path(p).resolve()}:{st.st_size}:{st.st_mtime_ns}")
-    return "|".join(parts)
 
 
 class ImageCache:
     "Decode-once, memory-mapped uint8 RGB images at `size x size`; rows follow `filenames`."
     chunk = 256      # rows decoded between flag updates (work lost at most on interruption)
 
-    def __init__(self, image_dir, filenames, size: int, cache_dir="outputs/cache", fingerprint: str = ""):
+    def __init__(self, image_dir, filenames, size: int, cache_dir="outputs/cache", hashes: pd.Series | None = None):
         self.image_dir, self.size = Path(image_dir).resolve(), int(size)
         names = pd.Index(pd.unique(pd.Series(list(filenames), dtype=object).astype(str)))
         if len(names) == 0: raise DataError("ImageCache needs at least one file name")
         if self.size <= 0: raise DataError(f"cache size must be a positive number of pixels, got {size!r}")
         self.filenames = names
-        key = hashlib.sha1("\n".join([f"v{_CACHE_VERSION}", str(self.image_dir), str(self.size), fingerprint,
-                                      *names]).encode()).hexdigest()[:16]
+        # the key follows the files' bytes (`file_hashes`), so a rewritten or swapped image starts a fresh cache
+        if hashes is None: hashes = file_hashes(self.image_dir, names, Path(cache_dir) / "hashes")
+        content = hashes.reindex(names)
+        if content.isna().any():
+            raise DataError(f"{int(content.isna().sum())} file(s) have no content digest; pass the digests of "
+                            f"these file names (file_hashes)")
+        key = hashlib.sha1("\n".join([f"v{_CACHE_VERSION}", str(self.image_dir), str(self.size),
+                                      *(names + ":" + content.to_numpy())]).encode()).hexdigest()[:16]
+        self.key = key
         label = re.sub(r"[^A-Za-z0-9_.-]", "_", self.image_dir.name)[:40] or "images"
         self.dir = Path(cache_dir) / f"{label}-{self.size}px-{key}"
         self.shape = (len(names), self.size, self.size, 3)
@@ -497,8 +603,7 @@ class ImageCache:
     def for_index(cls, index: SewerIndex, size: int, cache_dir="outputs/cache") -> "ImageCache":
         "One cache for every image of a dataset index (train and val rows)."
         names = pd.concat([index.train["Filename"], index.val["Filename"]], ignore_index=True)
-        return cls(index.image_dir, names, size, cache_dir,
-                   _files_fingerprint(index.sources) + "|" + image_stamps(index.image_dir, names))
+        return cls(index.image_dir, names, size, cache_dir, index.content_hashes(Path(cache_dir) / "hashes"))
 
     def _create(self, key: str) -> None:
         "Build the cache folder under a temporary name and rename it into place (atomic)."

@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
+from scipy.special import expit
 from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score
 
 from .augment import eval_transform
@@ -63,39 +64,45 @@ def model_fingerprint(module: torch.nn.Module) -> str:
 
 
 def _read_cache(path, tag: str) -> dict:
-    "split -> (keys, features) from a cache file written under `tag`; empty when absent, stale or unreadable."
+    "split -> (keys, features, data fingerprint) from a cache file written under `tag`; empty when absent, stale or unreadable."
     if not path or not Path(path).is_file(): return {}
     try:
         with np.load(path, allow_pickle=False) as f:
             if str(f["fingerprint"]) != tag: return {}
-            return {k[:-6]: (f[k], f[k[:-6]]) for k in f.files if k.endswith("__keys")}
+            return {k[:-6]: (f[k], f[k[:-6]], str(f[k[:-6] + "__data"]) if k[:-6] + "__data" in f.files else None)
+                    for k in f.files if k.endswith("__keys")}
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
         return {}   # a damaged file is recomputed, not trusted
 
 
 def extract_splits(module: torch.nn.Module, fn, images, rows: dict, keys: dict | None = None, cache_path=None,
-                   batch_size: int = 256, device="cpu") -> dict:
+                   batch_size: int = 256, device="cpu", data: dict | None = None, log: dict | None = None) -> dict:
     """`extract_features` for each split of `rows` (name -> cache rows); returns name -> features.
     With `cache_path` (.npz), a split is read back when the file holds it for the same weights, `fn`,
-    image size and `keys` (name -> the split's file names; default: the rows); else it is computed and
-    the file rewritten."""
+    image size, `keys` (name -> the split's file names; default: the rows) and `data` (name -> the split's
+    `data.data_fingerprint`: its pixels and labels); else it is computed and the file rewritten.
+    `log`, when given, receives name -> "reused", "extracted" or "re-extracted (data changed)"."""
     keys = {k: np.asarray(keys[k] if keys is not None else rows[k]).astype(str) for k in rows}
     for k in rows:
         if len(keys[k]) != len(rows[k]):
             raise ValueError(f"split {k!r}: {len(keys[k])} keys for {len(rows[k])} rows; give one key per row")
     tag = f"{model_fingerprint(module)}:{getattr(fn, '__name__', type(fn).__name__)}:{tuple(images.shape[1:])}"
+    data = {k: str((data or {}).get(k, "")) for k in rows}
     stored = _read_cache(cache_path, tag)
-    out, computed = {}, []
+    out, computed, log = {}, [], log if log is not None else {}
     for name, r in rows.items():
-        if name in stored and np.array_equal(stored[name][0], keys[name]):
-            out[name] = stored[name][1]
+        same_names = name in stored and np.array_equal(stored[name][0], keys[name])
+        if same_names and stored[name][2] == data[name]:
+            out[name] = stored[name][1]; log[name] = "reused"
         else:
             out[name] = extract_features(module, fn, images, r, batch_size, device)
             computed.append(name)
+            # a file written before features recorded their data (None) cannot say whether the data changed
+            log[name] = "re-extracted (data changed)" if same_names and stored[name][2] is not None else "extracted"
     if cache_path and computed:
         arrays = {"fingerprint": np.array(tag)}
-        for name, (k, f) in {**stored, **{n: (keys[n], out[n]) for n in rows}}.items():
-            arrays[name], arrays[f"{name}__keys"] = f, k
+        for name, (k, f, d) in {**stored, **{n: (keys[n], out[n], data[n]) for n in rows}}.items():
+            arrays[name], arrays[f"{name}__keys"], arrays[f"{name}__data"] = f, k, np.array(d)
         def write(tmp):
             with open(tmp, "wb") as fh: np.savez(fh, **arrays)   # a file object: savez adds no suffix
         atomic_write(cache_path, write)
@@ -139,7 +146,7 @@ class LinearProbe:
 
     def probability(self, feats) -> np.ndarray:
         "The defect probability, sigmoid of the logit (what the operating points threshold)."
-        return 1 / (1 + np.exp(-self.logits(feats).astype(np.float64)))
+        return expit(self.logits(feats).astype(np.float64))   # no overflow for large negative logits
 
     def state(self) -> dict:
         "The fitted probe as plain arrays (standardisation, weight, bias): what a run folder stores."

@@ -6,6 +6,10 @@
 from __future__ import annotations
 
 import builtins
+import contextlib
+import pickle
+import re
+import warnings
 import copy
 import dataclasses
 import json
@@ -29,15 +33,16 @@ from .controls import control_scores
 from .metrics import alpha_exponent, lidar, rankme
 from .methods import build_method
 from .distributed import barrier, init_distributed, is_main_process
-from .files import atomic_write, atomic_write_text, project_root, read_json, sweep_temporaries
-from .train import TrainingInterrupted, autocast_dtype, precision_name, train
+from .files import atomic_write, atomic_write_text, folder_lock, project_root, read_json, sweep_temporaries
+from .train import TrainingError, TrainingInterrupted, _train_signature, autocast_dtype, precision_name, train
 
 from sklearn.metrics import roc_auc_score
 
 # %% auto #0
-__all__ = ['METRIC_COLUMNS', 'MONITOR_IMAGES', 'DETECTOR_FILE', 'LIDAR_IMAGES', 'LIDAR_VIEWS', 'CONFIG_FIELDS', 'resolve',
-           'check_settings_fit', 'check_run_folder', 'view_embeddings', 'run_experiment', 'summary_table',
-           'typed_setting', 'config_from', 'parse_overrides', 'main']
+__all__ = ['METRIC_COLUMNS', 'MONITOR_IMAGES', 'DETECTOR_FILE', 'DATA_FILE', 'LIDAR_IMAGES', 'LIDAR_VIEWS', 'CONFIG_FIELDS',
+           'resolve', 'check_settings_fit', 'check_run_folder', 'check_run_data', 'pickle_payload_message',
+           'prepare_resume', 'check_pools', 'view_embeddings', 'run_experiment', 'summary_table', 'typed_setting',
+           'config_from', 'parse_overrides', 'main']
 
 # %% ../nbs/10_experiment.ipynb #5f3752fd
 def resolve(path) -> Path:
@@ -88,11 +93,96 @@ def check_run_folder(run_dir: Path, cfg: ExperimentConfig) -> None:
     try: saved = json.loads(saved_path.read_text(encoding="utf-8"))
     except ValueError:
         raise ConfigError(f"{saved_path} is damaged (not JSON), so {run_dir} cannot be resumed safely; choose another "
-                          "run_id, or set overwrite=True to replace the folder") from None
+                          "run_id, or set overwrite=True, which deletes that folder and everything in it") from None
     diff = [f"{k}: {there!r} there, {v!r} now" for k, there, v in cfg.differences(saved, EVALUATION_ONLY)]
     if diff:
         raise ConfigError(f"{run_dir} holds a run with other settings ({'; '.join(diff[:6])}); nothing was changed. "
-                          "Choose another run_id, or set overwrite=True to replace that run")
+                          "Choose another run_id, or set overwrite=True to replace that run (this deletes its "
+                          "checkpoint and results)")
+
+
+DATA_FILE = "data.json"   # the data fingerprints of the run's splits (what it was trained and evaluated on)
+
+
+def check_run_data(run_dir: Path, fingerprints: dict) -> list[str]:
+    """The splits whose images or labels changed since the run in `run_dir` recorded them (`DATA_FILE`), to be
+    evaluated afresh; a trained run whose *training* data changed is refused (ConfigError): its checkpoint
+    describes another training set, and evaluating it as this run would mix two datasets."""
+    trained = (run_dir / "checkpoint.pt").exists() or (run_dir / "metrics.json").exists()
+    if not trained: return []
+    saved = read_json(run_dir / DATA_FILE)
+    if saved is None:
+        warnings.warn(f"{run_dir} holds no {DATA_FILE} (written before runs recorded their data), so its training "
+                      "data cannot be checked; it is taken to be this data and recorded now")
+        return []
+    saved = saved.get("fingerprints", {})
+    if saved.get("train") != fingerprints["train"]:
+        raise ConfigError(f"{run_dir} holds a run trained on other data: the training images or their labels differ "
+                          f"from those its checkpoint learned from (data fingerprint {str(saved.get('train'))[:12]} there, "
+                          f"{fingerprints['train'][:12]} now); nothing was changed. Choose another run_id for this data, "
+                          "or set overwrite=True, which deletes that trained run and trains afresh")
+    return [k for k in fingerprints if k != "train" and saved.get(k) != fingerprints[k]]
+
+
+def _field_defaults() -> dict:
+    "Each ExperimentConfig field's default, as config.json spells it."
+    out = {}
+    for f in dataclasses.fields(ExperimentConfig):
+        value = f.default if f.default is not dataclasses.MISSING else (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+        out[f.name] = json.loads(json.dumps(value, default=list))
+    return out
+
+
+def pickle_payload_message(path, e: Exception) -> str:
+    "What to say of a checkpoint that holds pickled objects (torch's own advice, to load it unsafely, is not repeated)."
+    found = re.search(r"GLOBAL (\S+)", str(e))
+    return (f"{path} holds pickled Python objects, not only tensors ({'it calls ' + found[1] if found else 'unsupported content'}), "
+            "so it is not loaded: unpickling could run code hidden in it, and a checkpoint this project writes never "
+            "holds any. Delete that file to train this run afresh (or set overwrite=True, which deletes the whole run folder)")
+
+
+def prepare_resume(run_dir: Path, cfg: ExperimentConfig) -> dict:
+    """Check `run_dir/checkpoint.pt` before training resumes from it: a pickle payload is refused without being
+    run; settings added to ExperimentConfig since it was written take their defaults (recorded in the
+    checkpoint, so training resumes); any other difference is refused naming the settings. Returns the
+    settings that were added (empty when there is nothing to resume)."""
+    path = run_dir / "checkpoint.pt"
+    if not path.is_file(): return {}
+    try: state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise TrainingError(pickle_payload_message(path, e)) from None
+    except (RuntimeError, EOFError, OSError, ValueError):
+        return {}   # damaged: training's reader names it with the fix
+    saved, want = dict(state.get("signature") or {}), _train_signature(cfg)
+    defaults = _field_defaults()
+    added = {k: v for k, v in want.items() if k not in saved and k in defaults and v == defaults[k]}
+    diff = [f"{k}: {saved.get(k, '(not there)')!r} there, {want.get(k, '(not a setting now)')!r} now"
+            for k in sorted(set(want) | set(saved)) if k not in added and saved.get(k, ...) != want.get(k, ...)]
+    if diff:
+        raise TrainingError(f"{path} was trained with other settings ({'; '.join(diff[:5])}); nothing was changed. "
+                            f"Choose another run_id, or set overwrite=True, which deletes this trained run ({run_dir}) "
+                            "and trains afresh")
+    if added:   # settings that did not exist when it was written: the run had their defaults
+        state["signature"] = {**saved, **added}
+        atomic_write(path, lambda t: torch.save(state, t))
+        print(f"{path.name} predates the setting(s) {', '.join(added)}: they take their defaults "
+              f"({', '.join(f'{k}={v!r}' for k, v in added.items())}) and the run resumes")
+    return added
+
+
+def _first_process() -> bool:
+    "Rank 0, also before the process group is joined (torchrun gives every process it starts its RANK)."
+    return is_main_process() and int(os.environ.get("RANK", "0")) == 0
+
+
+def check_pools(val_pool: pd.DataFrame) -> None:
+    "The validation pool must hold normal and defect images: thresholds and operating points are chosen on it."
+    n_def = int(val_pool["Defect"].sum())
+    if not 0 < n_def < len(val_pool):
+        raise DataError(f"the validation pool holds {len(val_pool)} images, {n_def} of them defects: thresholds and "
+                        "operating points are chosen on it and need both normal and defect images. Add images of the "
+                        "missing kind to the validation CSV, or raise sample_frac; nothing was trained")
 LIDAR_IMAGES, LIDAR_VIEWS = 256, 8  # training images and augmented views per image for LiDAR
 
 
@@ -128,18 +218,43 @@ def run_experiment(cfg: ExperimentConfig, progress: bool = True, workers: int | 
     index = load_index(data_cfg)
     splits = make_splits(index, data_cfg)
     train_df, val_pool, test_pool = splits["train"], splits["val"], splits["test"]
+    check_pools(val_pool)
     # every run, whatever its seed, is scored on the same test images; an unreachable test
     # proportion fails here, before anything is trained or written
     test_sets(test_pool, cfg.test_ps, PAPER_SEED)
     if len(train_df) < 2:
         raise DataError(f"the training set holds {len(train_df)} image(s) (train_p={cfg.train_p}, sample_frac="
                         f"{cfg.sample_frac}, max_train={cfg.max_train}); a batch needs at least 2")
-    # a folder describes one run: settings that do not fit what is there fail here, before any write
     check_settings_fit(cfg)
-    if is_main_process(): check_run_folder(resolve(cfg.run_dir), cfg)
+    # the batch a step really sees: the learning rate is scaled for it, not for a batch that never happens
+    train_cfg = cfg.replace(batch_size=min(cfg.batch_size, len(train_df)))
+    if train_cfg.batch_size < cfg.batch_size:
+        print(f"batch_size {cfg.batch_size} is more than the {len(train_df)} training images: training uses batches "
+              f"of {train_cfg.batch_size}, and the learning rate is scaled for them (peak {train_cfg.peak_lr:.4g})")
+    # what every derived file is checked against: each split's images (content) and labels
+    cache_root = resolve("outputs/cache")
+    pools = {"train": train_df, "val": val_pool, "test": test_pool}
+    fingerprints = index.fingerprints(pools, cache_root / "hashes")
+    run_dir = resolve(cfg.run_dir)
+    with contextlib.ExitStack() as held:
+        if _first_process():   # one writer per run folder, for the whole run
+            held.enter_context(folder_lock(run_dir, f"run folder {run_dir}"))
+        return _run_locked(cfg, train_cfg, index, splits, pools, fingerprints, run_dir, t_start, progress, workers)
+
+
+def _run_locked(cfg, train_cfg, index, splits, pools, fingerprints, run_dir, t_start, progress, workers) -> dict:
+    "`run_experiment` once its inputs are checked and its run folder is locked."
+    train_df, val_pool, test_pool = pools["train"], pools["val"], pools["test"]
+    # a folder describes one run: settings or data that do not fit what is there fail here, before any write
+    changed = []
+    if _first_process():
+        check_run_folder(run_dir, cfg)
+        changed = check_run_data(run_dir, fingerprints)
+        prepare_resume(run_dir, train_cfg)
+    cache_root = resolve("outputs/cache")
     device = init_distributed(cfg.device)  # under torchrun: join the process group
     main = is_main_process()
-    cache = ImageCache.for_index(index, cfg.img_size, cache_dir=resolve("outputs/cache"))
+    cache = ImageCache.for_index(index, cfg.img_size, cache_dir=cache_root)
     needed = pd.concat([train_df.Filename, val_pool.Filename, test_pool.Filename])
     if main: cache.ensure(needed, workers=workers, progress=progress)  # one process decodes, then the
     barrier()                                                           # others find the cache complete
@@ -148,7 +263,7 @@ def run_experiment(cfg: ExperimentConfig, progress: bool = True, workers: int | 
     # original; evaluation, the controls and the monitor keep the img_size cache (the whole image, resized)
     crop_cache = cache
     if cfg.cache_size and cfg.cache_size != cfg.img_size:
-        crop_cache = ImageCache.for_index(index, cfg.cache_size, cache_dir=resolve("outputs/cache"))
+        crop_cache = ImageCache.for_index(index, cfg.cache_size, cache_dir=cache_root)
         if main: crop_cache.ensure(train_df.Filename, workers=workers, progress=progress)
         barrier()
         if not main: crop_cache.ensure(train_df.Filename, workers=1, progress=False)
@@ -159,11 +274,14 @@ def run_experiment(cfg: ExperimentConfig, progress: bool = True, workers: int | 
     # the untrained control: this run's backbone at its initialisation (same seed, same architecture)
     initial_backbone = copy.deepcopy(method.backbone)
 
-    run_dir = resolve(cfg.run_dir)
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
         sweep_temporaries(run_dir)   # e.g. the half-written checkpoint of a run killed mid-save
-        atomic_write_text(run_dir / "config.json", cfg.to_json())
+        saved = json.loads(cfg.to_json())   # the settings as given, resolved for the batch that is trained
+        saved["resolved"].update(batch_size=train_cfg.batch_size, peak_lr=train_cfg.peak_lr, start_lr=train_cfg.start_lr)
+        atomic_write_text(run_dir / "config.json", json.dumps(saved, indent=2))
+        atomic_write_text(run_dir / DATA_FILE, json.dumps(dict(fingerprints=fingerprints, dataset=index.name,
+                                                               image_dir=str(index.image_dir)), indent=1))
 
     # -- training ------------------------------------------------------------------------------
     # the loader moves uint8 images; the views are made in batches on the training device
@@ -176,7 +294,7 @@ def run_experiment(cfg: ExperimentConfig, progress: bool = True, workers: int | 
     monitor = (torch.from_numpy(np.ascontiguousarray(cache.images[mon_rows[order]])).permute(0, 3, 1, 2),
                torch.from_numpy(mon.Defect.to_numpy()[order].astype(np.float32)))
     t_train = time.perf_counter()
-    history = train(method, dataset, cfg, run_dir, progress=progress, augment=augment, monitor=monitor)
+    history = train(method, dataset, train_cfg, run_dir, progress=progress, augment=augment, monitor=monitor)
     train_seconds = time.perf_counter() - t_train
     start, total = history.attrs.get("start_step", 0), history.attrs.get("total_steps", 0)
     action = "re-evaluated" if total and start >= total else f"resumed at step {start}" if start else "trained"
@@ -187,11 +305,14 @@ def run_experiment(cfg: ExperimentConfig, progress: bool = True, workers: int | 
         return {"run_dir": run_dir, "metrics": None, "history": history, "splits": splits, "summary": None}
     atomic_write_text(run_dir / "history.csv", history.to_csv(index=False))
     # -- evaluation: one feature extraction per split (kept in the run folder) -------------------
-    pools = {"train": train_df, "val": val_pool, "test": test_pool}
     rows = {k: cache.rows(df.Filename) for k, df in pools.items()}
     names = {k: df.Filename.to_numpy() for k, df in pools.items()}
+    feature_log = {}
     feats = extract_splits(method, method.features, cache.images, rows, names, run_dir / "features.npz",
-                           device=device)
+                           device=device, data=fingerprints, log=feature_log)
+    if changed:
+        print(f"the {' and '.join(changed)} images or labels changed since this run was last evaluated: "
+              f"features {', '.join(f'{k} {v}' for k, v in feature_log.items())}")
     probe = LinearProbe(cfg.probe_epochs, cfg.probe_lr, seed=cfg.seed).fit(feats["train"], train_df.Defect)
     # classifier -> its logits on the val pool (to choose a threshold) and the test pool (to score)
     classifiers = {"linear_probe": {s: probe.logits(feats[s]) for s in ("val", "test")}}
@@ -226,7 +347,7 @@ def run_experiment(cfg: ExperimentConfig, progress: bool = True, workers: int | 
     controls = control_scores(initial_backbone, cache.images, rows, names, train_df.Defect.to_numpy(),
                               architecture=f"{cfg.backbone}:{type(method).backbone_kwargs(cfg.method_settings)}",
                               probe_epochs=cfg.probe_epochs, probe_lr=cfg.probe_lr, seed=cfg.seed, device=device,
-                              cache_dir=resolve("outputs/cache/controls"))
+                              cache_dir=cache_root / "controls", data=fingerprints)
     for name, c in controls.items():
         classifiers[name] = {"val": c["val"], "test": c["test"]}
         knn_of[name] = c["knn"]
@@ -267,6 +388,8 @@ def run_experiment(cfg: ExperimentConfig, progress: bool = True, workers: int | 
         "device": str(device), "precision": precision_name(autocast_dtype(device, cfg.precision)), "val_auroc": val_auroc, **label_free, **_last_epoch(history), "rows": metrics.to_dict("records"),
         "operating_points": {"chosen_on": "validation pool", "target_recall": cfg.target_recall, "thresholds": points,
                              "rows": point_rows},
+        "batch_size": train_cfg.batch_size, "peak_lr": train_cfg.peak_lr,
+        "data": {"fingerprints": fingerprints, "changed_since_last_evaluation": changed, "features": feature_log},
     }
     summary = _json_ready(summary)
     atomic_write_text(run_dir / "metrics.json", json.dumps(summary, indent=2, allow_nan=False))

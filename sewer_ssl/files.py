@@ -5,6 +5,8 @@
 # %% ../nbs/00a_files.ipynb #60c0de32
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import re
@@ -13,11 +15,12 @@ import shutil
 import socket
 import time
 import uuid
+import warnings
 from pathlib import Path
 
 # %% auto #0
-__all__ = ['temporary_sibling', 'process_alive', 'atomic_write', 'atomic_write_text', 'read_json', 'sweep_temporaries',
-           'project_root']
+__all__ = ['FULL_BELOW_BYTES', 'temporary_sibling', 'process_alive', 'atomic_write', 'DiskFull', 'atomic_write_text', 'read_json',
+           'sweep_temporaries', 'FolderBusy', 'lock_path_for', 'folder_lock', 'project_root']
 
 # %% ../nbs/00a_files.ipynb #eb622c42
 _TEMP_NAME = re.compile(r"^\.(?P<name>.+)\.(?P<host>[^.]+)\.(?P<pid>\d+)\.[0-9a-f]{8}\.tmp$")
@@ -51,17 +54,40 @@ def _remove(path: Path) -> None:
 # %% ../nbs/00a_files.ipynb #753cf6a3
 def atomic_write(path, write_fn) -> Path:
     """Call `write_fn(tmp)` to write a temporary sibling of `path`, then rename it to `path`.
-    On any error (or Ctrl-C) the temporary file is removed and `path` is untouched."""
+    On any error (or Ctrl-C) the temporary file is removed and `path` is untouched; a full disk is
+    reported as `DiskFull`, whatever words the writing library used."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temporary_sibling(path)
     try:
         write_fn(tmp)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
+        full = isinstance(e, Exception) and _disk_full(e, path.parent)   # measured before the space is freed
         _remove(tmp)
+        if full:
+            raise DiskFull(errno.ENOSPC, f"no space left on the disk of {path.parent} while writing {path.name} "
+                           f"({type(e).__name__}: {str(e)[:80]}); free some space, or choose another out_dir, and run "
+                           f"the same command again. The previous {path.name}, if any, is untouched") from None
         raise
     return path
+
+
+class DiskFull(OSError):
+    "A write failed because its disk (or quota) is full; the message names the file and the fix."
+
+
+FULL_BELOW_BYTES = 1 << 20   # a failed write with less free space than this is taken for a full disk
+
+
+def _disk_full(e: BaseException, folder: Path) -> bool:
+    "Whether `e` (or what caused it) says the disk is full, or the disk has almost no space left now."
+    seen = e
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in (errno.ENOSPC, errno.EDQUOT): return True
+        seen = seen.__cause__ or seen.__context__
+    try: return shutil.disk_usage(folder).free < FULL_BELOW_BYTES   # e.g. torch: "unexpected pos ..."
+    except OSError: return False
 
 
 def atomic_write_text(path, text: str) -> Path:
@@ -90,6 +116,51 @@ def sweep_temporaries(folder, older_than_s: float = 86_400) -> list[Path]:
         if stale:
             _remove(p); removed.append(p)
     return removed
+
+# %% ../nbs/00a_files.ipynb #38704155
+class FolderBusy(RuntimeError):
+    "Another process holds the lock of a folder; the message names it (pid and host) and what to do."
+
+
+def lock_path_for(folder) -> Path:
+    "The lock file of `folder`: a hidden sibling `.<name>.lock` (inside, it would go with the folder when it is replaced)."
+    folder = Path(folder)
+    return folder.with_name(f".{folder.name}.lock")
+
+
+@contextlib.contextmanager
+def folder_lock(folder, what: str | None = None, lock_file=None):
+    """Hold an exclusive OS lock (`fcntl.flock`) on `folder` while the block runs: one writer per folder.
+    A second process is refused at once with `FolderBusy` naming the holder's pid and host. The kernel
+    releases the lock when its holder ends, even by `kill -9`; the lock file itself stays (removing it
+    could let two processes lock two different files)."""
+    import fcntl
+    path = Path(lock_file) if lock_file else lock_path_for(folder)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        locked = True
+        try: fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            try: holder = json.loads(os.pread(fd, 4096, 0) or b"{}")
+            except ValueError: holder = {}
+            raise FolderBusy(f"{what or folder} is in use by process {holder.get('pid', '?')} on host "
+                             f"{holder.get('host', '?')} (since {holder.get('since', '?')}); one process writes a "
+                             "folder at a time. Wait until it ends, stop it, or choose another run_id") from None
+        except OSError as e:   # a file system without locks (some network mounts): said, not fatal
+            if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS): raise
+            warnings.warn(f"{what or folder} cannot be locked ({path}: {e.strerror}): this file system does not "
+                          "support locks, so nothing stops a second process from writing it; run one at a time")
+            locked = False
+        if locked:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, json.dumps(dict(pid=os.getpid(), host=socket.gethostname(),
+                                          since=time.strftime("%Y-%m-%dT%H:%M:%S"))).encode(), 0)
+        try: yield path
+        finally:
+            if locked: os.ftruncate(fd, 0)   # no stale holder is named once the lock is free
+    finally:
+        os.close(fd)                   # releases the lock
 
 # %% ../nbs/00a_files.ipynb #18692a78
 def project_root(start=None) -> Path:

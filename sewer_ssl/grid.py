@@ -320,7 +320,23 @@ def slurm_job_id() -> str | None:
 
 
 def run_cell(cell: Cell, notebook=None, env: dict | None = None) -> dict:
-    "Execute run.ipynb for `cell` into its run folder; returns (and writes) the cell's status record."
+    """Execute run.ipynb for `cell` into its run folder; returns (and writes) the cell's status record. The
+    cell is locked for the whole run (`files.folder_lock`): a cell another process holds is skipped at once,
+    its status untouched, and the record says who holds it."""
+    from sewer_ssl.files import FolderBusy, folder_lock
+    try:
+        with folder_lock(cell.run_dir, f"grid cell {cell.run_id}", lock_file=_cell_lock(cell)):
+            return _run_cell_locked(cell, notebook, env)
+    except FolderBusy as e:
+        return dict(run_id=cell.run_id, status="skipped", error=str(e))
+
+
+def _cell_lock(cell: Cell) -> Path:
+    "The cell's lock file, beside its run folder (the run inside takes the run folder's own lock)."
+    return cell.run_dir.with_name(f".{cell.run_id}.cell.lock")
+
+
+def _run_cell_locked(cell: Cell, notebook=None, env: dict | None = None) -> dict:
     import papermill as pm   # imported on use: the worker processes need it, listing a grid does not
     from sewer_ssl.docs import local_kernel_manager   # nbformat: not on a bare GPU machine (chapter 11a)
     run_dir = cell.run_dir

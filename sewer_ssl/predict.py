@@ -11,7 +11,9 @@ import builtins
 import copy
 import html
 import json
+import pickle
 import sys
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -24,14 +26,14 @@ from torch import nn
 from .config import NORM_MEAN, NORM_STD, ExperimentConfig
 from .data import decode_image
 from .evaluate import OPERATING_POINTS, LinearProbe, extract_features, knn_scores
-from .experiment import DETECTOR_FILE
+from .experiment import DETECTOR_FILE, pickle_payload_message
 from .explorers import load_run
 from .files import atomic_write, atomic_write_text
 from .train import TrainingError
 
 # %% auto #0
-__all__ = ['IMAGE_SUFFIXES', 'PredictError', 'Detector', 'collect_inputs', 'read_images', 'predict', 'triage_report',
-           'ExportedDetector', 'input_contract', 'export_detector', 'main']
+__all__ = ['IMAGE_SUFFIXES', 'PredictError', 'Detector', 'check_output_path', 'collect_inputs', 'read_images', 'predict',
+           'triage_report', 'ExportedDetector', 'input_contract', 'export_detector', 'main']
 
 # %% ../nbs/17_predict.ipynb #47e47d3e
 class PredictError(ValueError):
@@ -64,6 +66,8 @@ class Detector:
                                   "checkpoint.pt holds the trained weights; train the run (again) to have it"))
         try: cfg, method = load_run(run_dir, device)
         except TrainingError as e: raise PredictError(str(e)) from None   # a damaged checkpoint, named with the fix
+        except pickle.UnpicklingError as e:                                # never the advice to load it unsafely
+            raise PredictError(pickle_payload_message(run_dir / "checkpoint.pt", e)) from None
         with np.load(run_dir / DETECTOR_FILE, allow_pickle=False) as f: saved = {k: f[k] for k in f.files}
         thresholds = {name: float(saved[f"threshold__{name}"]) for name in OPERATING_POINTS}
         return cls(cfg, method, LinearProbe.from_state(saved), saved, thresholds, device)
@@ -87,6 +91,26 @@ class Detector:
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
 
+def check_output_path(path, option: str, kind: str = "file") -> Path:
+    """Refuse (PredictError) an output `path` that cannot be written -- a folder where a file is wanted, a file
+    where a folder is, a parent that is a file or not writable -- before any image is scored."""
+    path = Path(path).expanduser()
+    if kind == "file" and path.is_dir():
+        raise PredictError(f"{option} {path} is a folder; give a file name, e.g. {path / ('scores.csv' if option == '--out' else 'report.html')}")
+    if kind == "folder" and path.exists() and not path.is_dir():
+        raise PredictError(f"{option} {path} is a file; give a folder to write the exported detector into")
+    existing = path if kind == "folder" and path.is_dir() else path.parent
+    while not existing.exists(): existing = existing.parent
+    if not existing.is_dir():
+        raise PredictError(f"{option} {path}: {existing} is a file, so nothing can be written below it; choose another path")
+    try:
+        with tempfile.NamedTemporaryFile(dir=existing): pass
+    except OSError as e:
+        raise PredictError(f"{option} {path} cannot be written ({existing}: {e.strerror}); choose a folder you can "
+                           "write to") from None
+    return path
+
+
 def collect_inputs(inputs, image_dir=None) -> list[Path]:
     "The image paths named by `inputs` (files, folders, CSVs with a `Filename` column), in order, deduplicated."
     paths = []
@@ -98,11 +122,18 @@ def collect_inputs(inputs, image_dir=None) -> list[Path]:
             if not found: raise PredictError(f"folder {p} holds no image files ({', '.join(IMAGE_SUFFIXES)})")
             paths += found
         elif p.suffix.lower() == ".csv":
-            table = pd.read_csv(p)
+            # read as training reads a CSV: names stay text ("007" is not 7), padding is stripped
+            try: table = pd.read_csv(p, dtype=str, keep_default_na=False)
+            except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
+                raise PredictError(f"{p} cannot be read as a comma-separated table: {e}") from None
+            table.columns = [str(c).strip() for c in table.columns]
             if "Filename" not in table:
                 raise PredictError(f"{p} has no 'Filename' column (columns: {list(table.columns)[:8]})")
             base = Path(image_dir).expanduser() if image_dir else p.parent
-            paths += [base / str(name) for name in table["Filename"]]
+            names = table["Filename"].str.strip()
+            if (names == "").any():
+                raise PredictError(f"{p}: {int((names == '').sum())} row(s) have an empty Filename; fill them or drop them")
+            paths += [base / name for name in names]
         else:
             paths.append(p)
     return list(dict.fromkeys(paths))
@@ -121,6 +152,7 @@ def predict(run_dir, inputs, out=None, batch_size: int = 256, device: str = "cpu
             progress: bool = True, chunk: int = 1024, detector: Detector | None = None) -> tuple[pd.DataFrame, list]:
     "Score `inputs` with the run in `run_dir`: (table, [(path, reason)] of unreadable images); `out`: CSV path."
     from tqdm.auto import tqdm
+    if out is not None: check_output_path(out, "out")       # before anything is scored
     det = detector or Detector.load(run_dir, device)
     paths = collect_inputs(inputs, image_dir)
     tables, failed = [], []
@@ -268,6 +300,10 @@ def main(argv=None) -> int:
     if not args.paths and not args.export: parser.error("give images to score (PATH ...) or --export DIR")
     if args.batch_size < 1: parser.error("--batch-size must be at least 1")
     try:
+        # every output is checked before the run is loaded or an image is scored
+        for option, path, kind in (("--out", args.out if args.paths else None, "file"), ("--report", args.report, "file"),
+                                   ("--export", args.export, "folder")):
+            if path: check_output_path(path, option, kind)
         det = Detector.load(args.run_dir, args.device)
         if args.export:
             for kind, p in export_detector(det, args.export, onnx=not args.no_onnx).items():
