@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import functools
+import io
 import json
 import os
 import shutil
@@ -15,17 +16,33 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from PIL import Image
+from scipy import ndimage
 
 from .config import CODES, COLUMNS, SPLIT_FILES
 from .files import sweep_temporaries, temporary_sibling
 
 # %% auto #0
-__all__ = ['DEFAULT_DIFFICULTY', 'GENERATOR_VERSION', 'TAU', 'CONNECTIONS', 'MATERIALS', 'DEFECT_MECHANISMS', 'CODE_WEIGHTS',
-           'CO_OCCURRENCE', 'render_pipe', 'defect_footprint', 'sample_codes', 'generate_dataset']
+__all__ = ['GENERATOR_VERSION', 'DEFAULT_NUISANCE', 'DEFAULT_VISIBILITY', 'NUISANCE_FACTORS', 'TAU', 'CONNECTIONS', 'MATERIALS',
+           'DEFECT_MECHANISMS', 'FOOTPRINT_RANGES', 'CODE_WEIGHTS', 'CO_OCCURRENCE', 'nuisance_strengths',
+           'render_pipe', 'defect_footprint', 'sample_codes', 'generate_dataset']
 
 # %% ../nbs/01_synthetic.ipynb #d00ae8de
-DEFAULT_DIFFICULTY = 0.0  # calibrated: see "Calibration" at the end of this chapter
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2  # 2: nuisance and visibility as separate settings, defects at real sizes
+DEFAULT_NUISANCE = 1.0     # calibrated: see "Calibration" at the end of this chapter
+DEFAULT_VISIBILITY = 1.0
+# what each nuisance factor varies between normal pipes; strength 0 holds it at its neutral value
+NUISANCE_FACTORS = {
+    "exposure": "exposure, tone curve, black level and where the lamp points (per inspection)",
+    "colour": "white balance, colour cast and saturation of the camera",
+    "water": "water level at the invert (0: always 10 %)",
+    "pose": "camera offset from the pipe axis and tilt (where the vanishing point lies)",
+    "vignetting": "darkening towards the corners, with an off-centre optical axis",
+    "blur": "defocus and motion blur",
+    "noise": "sensor noise",
+    "compression": "JPEG block and chroma artefacts of the recorded video",
+    "stains": "harmless discolouration, rust streaks, wet patches and calcite spots on the wall",
+    "overlay": "the text the inspection software burns in: date and time, distance counter, pipe id",
+}
 TAU = 2 * np.pi
 CONNECTIONS = ("GR", "PH", "PB", "OS", "OP", "OK")
 # name: (albedo rgb, texture amplitude, speckle amplitude, joint spacing in pipe radii, share of pipes)
@@ -35,6 +52,22 @@ MATERIALS = {
     "pvc": ((0.66, 0.47, 0.30), 0.04, 0.015, (3.0, 6.0), 0.12),
     "liner": ((0.68, 0.68, 0.60), 0.05, 0.02, None, 0.13),
 }
+
+
+def nuisance_strengths(nuisance=DEFAULT_NUISANCE) -> dict:
+    """Strength of every `NUISANCE_FACTORS` entry: one number for all, or a dict naming some factors
+    (the others at `DEFAULT_NUISANCE`). 1 is the calibrated realistic spread, 0 none."""
+    if isinstance(nuisance, dict):
+        unknown = sorted(set(nuisance) - set(NUISANCE_FACTORS))
+        if unknown:
+            raise ValueError(f"unknown nuisance factors {unknown}; the factors are {', '.join(NUISANCE_FACTORS)}")
+        out = {k: float(nuisance.get(k, DEFAULT_NUISANCE)) for k in NUISANCE_FACTORS}
+    else:
+        out = dict.fromkeys(NUISANCE_FACTORS, float(nuisance))
+    bad = {k: v for k, v in out.items() if not 0 <= v <= 3}
+    if bad:
+        raise ValueError(f"nuisance strengths must be in [0, 3]; got {bad}")
+    return out
 
 # %% ../nbs/01_synthetic.ipynb #ffda8731
 @functools.lru_cache(maxsize=16)
@@ -161,73 +194,54 @@ def _segments_coverage(size, segs, half_width, pad=2.0):
     return cov, idx.reshape(cov.shape), xa, ya
 
 # %% ../nbs/01_synthetic.ipynb #9168650d
-def _visibility(rng, difficulty):
+def _visibility(rng, visibility):
     """How visible one defect is: contrast multiplier, size multiplier, depth along the pipe, subtle flag.
-    difficulty 0: large, contrasty, close to the camera; every +1 shrinks contrast and size and pushes
-    defects deeper into the dark far field; a growing share (20 % per unit, at most 60 %) is subtle."""
-    d = max(float(difficulty), 0.0)
-    subtle = bool(rng.random() < min(0.6, 0.2 * d))
-    contrast = rng.uniform(0.75, 1.25) * 1.2 / (1 + d) * (0.45 if subtle else 1.0)
-    scale = rng.uniform(0.8, 1.2) * 1.8 / (1 + 1.2 * d) * (0.7 if subtle else 1.0)
-    depth = rng.uniform(0.7, 1.0 + 0.85 * d)
+    At visibility 1 defects have their real sizes (see `defect_footprint`) and sit 0.6 to 1.6 pipe radii
+    deep, where an inspector stops the camera to code them; `visibility` multiplies contrast, and area (size by its square root).
+    A fifth of the defects are subtle: half the contrast, three quarters the size."""
+    v = float(visibility)
+    if not v > 0:
+        raise ValueError(f"visibility must be positive, got {visibility!r}")
+    subtle = bool(rng.random() < 0.2)
+    contrast = rng.uniform(0.6, 1.0) * v * (0.5 if subtle else 1.0)
+    scale = rng.uniform(0.75, 1.15) * np.sqrt(v) * (0.75 if subtle else 1.0)
+    depth = rng.uniform(0.6, 1.6)
     return dict(contrast=float(contrast), scale=float(scale), depth=float(depth), subtle=subtle)
 
 # %% ../nbs/01_synthetic.ipynb #5590b80f
 class _Scene:
-    "One pipe image under construction: geometry, albedo, lighting and the defects drawn on it."
+    """One pipe image under construction. The parts that draw it are the functions below, each in its own
+    section: the pipe (`_draw_pipe`, `_pipe_geometry`), lighting (`_draw_exposure`, `_shade`), the wall
+    (`_paint_wall`, `_paint_stains`), water (`_draw_water`, `_add_water`), the camera
+    (`_draw_camera`, `_camera`, `_overlay`) and one drawer per defect code."""
 
-    def __init__(self, rng, codes, size, difficulty):
-        self.codes, self.size, self.d = tuple(codes), int(size), float(difficulty)
-        self.nuis = nuis = min(max(self.d, 0.0), 2.5)  # strength of the nuisance variation
-        # separate streams for the pipe and for its defects: the same rng state gives the same pipe
-        # with or without defects, so a defect's footprint is the difference of two renders
-        seeds = rng.integers(0, 2 ** 63, size=2)
-        self.rng, self.drng = r, dr = np.random.default_rng(seeds[0]), np.random.default_rng(seeds[1])
-        self.vis = {c: _visibility(dr, difficulty) for c in self.codes}
+    def __init__(self, rng, codes, size, nuisance, visibility):
+        self.codes, self.size = tuple(codes), int(size)
+        self.strength = nuisance_strengths(nuisance)
+        # one stream for the pipe, one per nuisance factor and one for the defects: the same rng state
+        # gives the same pipe with or without defects (a defect's footprint is the difference of two
+        # renders), and a nuisance factor's setting changes that factor only
+        seeds = rng.integers(0, 2 ** 63, size=2 + len(NUISANCE_FACTORS))
+        self.rng, self.drng = np.random.default_rng(seeds[0]), np.random.default_rng(seeds[1])
+        self.nrng = {k: np.random.default_rng(s) for k, s in zip(NUISANCE_FACTORS, seeds[2:])}
+        self.draws = {}  # what each part drew, by part ("pipe", a nuisance factor): inspected by the tests
+        self.vis = {c: _visibility(self.drng, visibility) for c in self.codes}
         self.anchors = {}  # where a defect sits, for companions that grow from it
-        # camera: principal point (vanishing point), offset from the pipe axis, focal length
-        self.vp = np.clip(r.normal(0, 0.03 + 0.06 * nuis, 2), -0.35, 0.35)
-        self.o = np.clip(r.normal(0, 0.03 + 0.05 * nuis, 2), -0.3, 0.3)
-        self.f = float(r.uniform(0.5, 0.72))
-        # material and its joints
-        names = list(MATERIALS)
-        share = np.array([MATERIALS[n][4] for n in names])
-        self.material = "liner" if "OS" in self.codes else names[r.choice(len(names), p=share / share.sum())]
-        rgb, self.tex_amp, self.speckle, spacing, _ = MATERIALS[self.material]
-        self.albedo_rgb = np.clip(np.array(rgb) * r.normal(1, 0.04 + 0.02 * nuis, 3) * r.uniform(0.85, 1.15), 0.05, 0.95)
-        self.joint_len = float(r.uniform(*spacing)) if spacing else None
-        self.joint_z0 = float(r.uniform(0.3, 1.0))
-        self.joint_width = float(r.uniform(0.015, 0.045))
-        self.joint_dark = float(r.uniform(0.3, 0.75))
-        # water at the invert: level as a fraction of the diameter, rounded to Sewer-ML's 5 % steps
-        lv = 0.0 if r.random() < 0.15 else (r.uniform(0.02, 0.3) if r.random() < 0.85 else r.uniform(0.3, 0.6))
-        self.water_pct = int(5 * round(lv * 20))
-        self.level = self.water_pct / 100
-        self.y_water = 1 - 2 * self.level
-        self.o[1] = min(self.o[1], self.y_water - 0.25)  # the camera stays above the water
-        # lighting: falloff length, lamp aim, exposure and colour cast
-        self.light_len = float(r.uniform(0.8, 1.8))
-        self.lamp_dir = float(r.uniform(-np.pi, np.pi))
-        self.lamp_bias = float(r.uniform(0, 0.15 + 0.15 * nuis))
-        self.exposure = float(r.uniform(1.6, 2.4) * np.exp(r.normal(0, 0.12 + 0.12 * nuis)))
-        self.cast = np.exp(r.normal(0, 0.03 + 0.03 * nuis, 3)) * np.array([1.04, 1.0, 0.9])
-        self.noise_sigma = float(r.uniform(0.5, 1.5) * (0.006 + 0.012 * nuis))
-        # geometry changes by DE (deformed section) and FS (displaced far segment)
-        self.deform = None
-        if "DE" in self.codes:
-            v = self.vis["DE"]
-            za = dr.uniform(0.45, 0.45 + 0.5 * v["depth"])
-            self.deform = dict(a=float(dr.uniform(0.09, 0.22) * min(1.0, 0.35 + 0.65 * v["contrast"] / 0.8)),
-                               phi=float(np.pi / 2 + dr.normal(0, 0.35)), za=float(za),
-                               zb=float(za + dr.uniform(1.2, 3.5)))
-        self.shift = None
-        if "FS" in self.codes:
-            v = self.vis["FS"]
-            zj = self._joint_near(v["depth"])
-            mag = dr.uniform(0.06, 0.16) * min(1.3, 0.35 + 0.65 * v["contrast"] / 0.8)
-            ang = dr.uniform(-np.pi, np.pi)
-            self.shift = dict(z=zj, o2=self.o + mag * np.array([np.cos(ang), np.sin(ang)]))
-            self.anchors["joint"] = zj
+        _draw_pipe(self)
+        _draw_pose(self)
+        _draw_water(self)
+        _draw_exposure(self)
+        _draw_camera(self)
+        _draw_stains(self)
+        _draw_overlay(self)
+        self.deform = _plan_DE(self) if "DE" in self.codes else None
+        self.shift = _plan_FS(self) if "FS" in self.codes else None
+
+    def _record(self, part, **values):
+        "Keep the values a part drew (as plain floats/lists) and set them as attributes."
+        self.draws[part] = {k: (np.asarray(v).tolist() if isinstance(v, np.ndarray) else v) for k, v in values.items()}
+        for k, v in values.items():
+            setattr(self, k, v)
 
     # -------------------------------------------------------------- placement helpers
     def _joint_near(self, z):
@@ -238,13 +252,14 @@ class _Scene:
         zj = self.joint_z0 + k * self.joint_len
         return float(zj if zj > 0.6 and abs(zj - z) < 0.5 else z)
 
-    def _wall_angle(self, around=None, spread=None, margin=0.15):
+    def _wall_angle(self, around=None, spread=None, margin=0.15, rng=None):
         "A wall angle above the water line (theta: 0 right, pi/2 bottom, -pi/2 crown)."
+        r = self.drng if rng is None else rng
         for _ in range(50):
-            th = self.drng.uniform(-np.pi, np.pi) if around is None else around + self.drng.uniform(-spread, spread)
+            th = r.uniform(-np.pi, np.pi) if around is None else around + r.uniform(-spread, spread)
             if np.sin(th) < self.y_water - margin:
                 return float(_wrap(th))
-        return float(-np.pi / 2 + self.drng.uniform(-0.5, 0.5))
+        return float(-np.pi / 2 + r.uniform(-0.5, 0.5))
 
     def _rho(self, theta, z):
         "Wall radius at (theta, z): 1, or an elliptical squash inside the deformed stretch."
@@ -271,132 +286,19 @@ class _Scene:
             li = li * (1 + self.lamp_bias * np.cos(theta - self.lamp_dir))
         return li.astype(np.float32)
 
-    # -------------------------------------------------------------- the normal pipe
-    def geometry(self):
-        gx, gy = _base_grid(self.size)
-        self.dx, self.dy = dx, dy = gx - np.float32(self.vp[0]), gy - np.float32(self.vp[1])
-        ox, oy = float(self.o[0]), float(self.o[1])
-        u, th = _solve_wall(dx, dy, ox, oy)
-        if self.deform is not None:  # one fixed-point step is enough for a smooth squash
-            u, th = _solve_wall(dx, dy, ox, oy, self._rho(th, self.f / u).astype(np.float32))
-        self.face = None
-        if self.shift is not None:
-            # beyond the displaced joint the pipe continues around another axis; where the ray passes the
-            # joint plane inside the near pipe but outside the far one it hits the far pipe's end face
-            zj, o2 = self.shift["z"], self.shift["o2"]
-            u2, th2 = _solve_wall(dx, dy, float(o2[0]), float(o2[1]))
-            if self.deform is not None:
-                u2, th2 = _solve_wall(dx, dy, float(o2[0]), float(o2[1]), self._rho(th2, self.f / u2).astype(np.float32))
-            near = self.f / u < zj
-            far = ~near & (self.f / u2 >= zj)
-            face = ~near & ~far
-            u = np.where(near, u, np.where(far, u2, np.float32(self.f / zj)))
-            th = np.where(far, th2, th)
-            self.face = face.astype(np.float32)
-        self.u, self.theta = u, th
-        self.z = (self.f / u).astype(np.float32)
-        self.px_z = self.z * self.z / (self.f * self.size / 2)  # depth covered by one pixel
-
-    def wall(self):
-        r, z, th = self.rng, self.z, self.theta
-        a = (th / TAU) % 1.0
-        fade = 1 / (1 + (z / 2.5) ** 2)  # no texture detail in the dark far field (it would alias)
-        tex = self.tex_amp * _noise(r, a, z, 16, 1.5, octaves=3)
-        tex = tex + self.speckle * _noise(r, a, z, 160, 40, octaves=2)
-        alb = self.albedo_rgb.astype(np.float32) * (1 + tex * fade)[..., None]
-        # stains: broad harmless discolouration, more of it when nuisance is strong
-        # (drawn whether used or not, so the same pipe comes out at every difficulty)
-        stain_on = r.random() < min(0.8, 0.3 * self.nuis + 0.1)
-        st = _noise(r, a, z, 6, 0.6) * float(r.uniform(0.04, 0.12))
-        tint = r.normal(0, 1, 3).astype(np.float32)
-        if stain_on:
-            alb = alb * (1 + st[..., None] * (1 + 0.5 * tint))
-        if self.joint_len is not None:
-            g = (z - self.joint_z0) / self.joint_len
-            dz = np.abs(g - np.round(g)) * self.joint_len
-            hw, px = self.joint_width, self.px_z
-            cov = np.clip(0.5 + (hw - dz) / px, 0, 1) * np.clip(2 * hw / px, 0.2, 1) * (z > self.joint_z0 - hw)
-            lip = np.clip(0.5 + (3 * hw - dz) / px, 0, 1) - cov
-            alb = alb * (1 - self.joint_dark * cov + 0.12 * lip)[..., None]
-        if self.face is not None:  # end face of the displaced segment, facing the lamp
-            alb = alb * (1 + 0.35 * self.face)[..., None]
-        self.alb = alb
-        self.gloss = np.zeros_like(z)
-
-    def shade(self):
-        "Lit wall (linear light) from albedo and gloss."
-        self.lit_wall = self.light(self.z, self.theta)
-        self.img = (self.alb + self.gloss[..., None]) * self.lit_wall[..., None]
-
-    def water(self):
-        r = self.rng
-        self.u_water = np.zeros_like(self.u)
-        self.water_mask = np.zeros_like(self.u)
-        if self.level <= 0:
-            return
-        h = self.y_water - float(self.o[1])
-        uw = np.where(self.dy > 0, self.dy / h, 0).astype(np.float32)
-        self.u_water = uw
-        m = np.clip((uw - self.u) / (2.0 / self.size) + 0.5, 0, 1) * (self.dy > 0)
-        zw = self.f / np.maximum(uw, 1e-4)
-        xw = float(self.o[0]) + self.dx / np.maximum(uw, 1e-4)
-        ripple = _noise(r, (xw / 4) % 1.0, zw, 32, 4, octaves=2)
-        base = np.array([0.15, 0.14, 0.1]) * r.uniform(0.6, 1.4) * r.normal(1, 0.06, 3)
-        # the lamp's reflection: a glittering streak along the middle of the flow
-        spec = np.exp(-((xw - float(self.o[0])) / (0.08 + 0.05 * zw)) ** 2) * np.clip(0.3 + 0.7 * ripple, 0, 2)
-        col = base.astype(np.float32) * (1 + 0.2 * ripple[..., None]) + float(r.uniform(0.1, 0.45)) * spec[..., None]
-        lw = self.light(zw)
-        self.img = self.img * (1 - m[..., None]) + col * (lw * m)[..., None]
-        self.water_mask = m.astype(np.float32)
-        # a slightly darker wet band just above the waterline
-        wet = np.clip(1 + (uw - self.u) / (5.0 / self.size), 0, 1) * (1 - m) * (self.dy > 0)
-        self.img = self.img * (1 - 0.2 * wet)[..., None]
-
-    def finish(self):
-        r, size = self.rng, self.size
-        gx, gy = _base_grid(size)
-        img = self.img * (1 - float(r.uniform(0, 0.1 + 0.1 * self.nuis)) * (gx * gx + gy * gy))[..., None]
-        img = img * (1 + 0.15 * self.nuis * _image_noise(r, size, 3) * float(r.uniform(0, 1)))[..., None]
-        img = 1 - np.exp(-self.exposure * np.maximum(img, 0) * self.cast.astype(np.float32))  # soft highlight roll-off
-        img = img ** (1 / 1.25)
-        if r.random() < 0.25 * self.nuis:  # slight defocus
-            img = (img + np.roll(img, 1, 0) + np.roll(img, 1, 1) + np.roll(img, -1, 0) + np.roll(img, -1, 1)) / 5
-        noise = r.standard_normal((size, size, 1), dtype=np.float32) + 0.3 * r.standard_normal((size, size, 3), dtype=np.float32)
-        img = img + self.noise_sigma * noise
-        if r.random() < 0.3 * min(1.0, self.nuis):
-            img = self._overlay_text(img)
-        return np.clip(img * 255 + 0.5, 0, 255).astype(np.uint8)
-
-    def _overlay_text(self, img):
-        "Inspection-software text overlay (blocky pseudo characters), as burnt into real CCTV frames."
-        r, size = self.rng, self.size
-        ch = max(1, size // 64)  # pixel size of one glyph cell
-        n = int(r.integers(6, 16))
-        glyphs = r.random((5, 3 * n)) < 0.5
-        glyphs[:, 3::4] = False  # gaps between characters
-        mask = np.kron(glyphs, np.ones((ch, ch), bool))
-        h, w = mask.shape
-        w = min(w, size - 2 * ch)
-        y0 = ch * 2 if r.random() < 0.5 else size - h - 2 * ch
-        x0 = ch * 2
-        col = np.array([1.0, 1.0, 0.85 if r.random() < 0.5 else 1.0], np.float32)
-        region = img[y0:y0 + h, x0:x0 + w]
-        img[y0:y0 + h, x0:x0 + w] = np.where(mask[:, :w, None], col, region)
-        return img
-
     # -------------------------------------------------------------- defect helpers
     def _local(self, th0, z0):
         "Wall coordinates relative to (th0, z0): arc length around the pipe, distance along it."
         return _wrap(self.theta - np.float32(th0)), self.z - np.float32(z0)
 
-    def _wall_noise(self, rows, cells_per_unit):
-        return _noise(self.drng, (self.theta / TAU) % 1.0, self.z, rows, cells_per_unit)
+    def _wall_noise(self, rows, cells_per_unit, rng=None):
+        return _noise(self.drng if rng is None else rng, (self.theta / TAU) % 1.0, self.z, rows, cells_per_unit)
 
-    def _blob(self, th0, z0, ra, rb, rough=0.4, rows=48, cells=6):
-        "Soft irregular patch on the wall (ellipse of radii ra x rb with a noisy boundary)."
+    def _blob(self, th0, z0, ra, rb, rough=0.4, rows=48, cells=6, noise=None):
+        "Soft irregular patch on the wall (ellipse of radii ra x rb with a noisy boundary, `noise` or fresh)."
         a, b = self._local(th0, z0)
         rr = np.sqrt((a / ra) ** 2 + (b / rb) ** 2)
-        n = self._wall_noise(rows, cells)
+        n = self._wall_noise(rows, cells) if noise is None else noise
         edge = np.maximum(self.px_z / rb, 0.04)  # soft edge about one pixel wide
         return np.clip((1 - rr + rough * n * np.minimum(rr, 1)) / edge + 0.5, 0, 1).astype(np.float32)
 
@@ -450,8 +352,9 @@ class _Scene:
 
     # -------------------------------------------------------------- the whole picture
     def render(self):
-        self.geometry()
-        self.wall()
+        _pipe_geometry(self)
+        _paint_wall(self)
+        _paint_stains(self)
         if "RB" in self.codes:
             _plan_RB(self)
         masks = {}
@@ -461,10 +364,10 @@ class _Scene:
         for code in ("OB", "PF", "IN", "BE"):
             if code in self.codes:
                 masks[code] = _DRAWERS[code](self)
-        self.shade()
+        _shade(self)
         if "RB" in self.codes:
             masks["RB"] = _draw_RB(self)
-        self.water()
+        _add_water(self)
         for code in ("AF", "IS", "FO", "RO"):
             if code in self.codes:
                 masks[code] = _DRAWERS[code](self)
@@ -472,12 +375,315 @@ class _Scene:
             masks["DE"] = _extent_DE(self)
         if "FS" in self.codes:
             masks["FS"] = _extent_FS(self)
-        img = self.finish()
+        img = _camera(self)
         boxes = {c: (_bbox(masks[c]) if masks.get(c) is not None else None) for c in self.codes}
         meta = dict(water_level=self.water_pct, material=self.material, codes=self.codes,
                     vanishing_point=[float((self.vp[0] + 1) * self.size / 2), float((self.vp[1] + 1) * self.size / 2)],
-                    difficulty=self.d, subtle={c: self.vis[c]["subtle"] for c in self.codes}, boxes=boxes)
+                    subtle={c: self.vis[c]["subtle"] for c in self.codes}, boxes=boxes,
+                    overlay_boxes=self.overlay_boxes)
         return img, meta
+
+# %% ../nbs/01_synthetic.ipynb #27fcc993
+def _draw_pipe(sc):
+    "The pipe itself: material, its tint and texture, joints, the lamp's falloff, the lens's focal length."
+    r = sc.rng
+    names = list(MATERIALS)
+    share = np.array([MATERIALS[n][4] for n in names])
+    material = names[r.choice(len(names), p=share / share.sum())]  # never chosen by the defects
+    rgb, tex_amp, speckle, spacing, _ = MATERIALS[material]
+    sc._record("pipe", material=material, tex_amp=tex_amp, speckle=speckle,
+               albedo_rgb=np.clip(np.array(rgb) * r.normal(1, 0.04, 3) * r.uniform(0.85, 1.15), 0.05, 0.95),
+               joint_len=float(r.uniform(*spacing)) if spacing else None, joint_z0=float(r.uniform(0.3, 1.0)),
+               joint_width=float(r.uniform(0.015, 0.045)), joint_dark=float(r.uniform(0.3, 0.75)),
+               light_len=float(r.uniform(0.8, 1.8)), f=float(r.uniform(0.5, 0.72)))
+
+
+def _draw_pose(sc):
+    "Camera pose: the principal point (vanishing point, i.e. tilt) and the offset from the pipe axis."
+    r, s = sc.nrng["pose"], sc.strength["pose"]
+    sc._record("pose", vp=np.clip(s * r.normal(0, 0.10, 2), -0.35, 0.35),
+               o=np.clip(s * r.normal(0, 0.08, 2), -0.3, 0.3))
+
+
+def _pipe_geometry(sc):
+    "Per pixel: where its ray meets the wall (u = f/z, angle theta, depth z), with DE's squash and FS's step."
+    gx, gy = _base_grid(sc.size)
+    sc.dx, sc.dy = dx, dy = gx - np.float32(sc.vp[0]), gy - np.float32(sc.vp[1])
+    ox, oy = float(sc.o[0]), float(sc.o[1])
+    u, th = _solve_wall(dx, dy, ox, oy)
+    if sc.deform is not None:  # one fixed-point step is enough for a smooth squash
+        u, th = _solve_wall(dx, dy, ox, oy, sc._rho(th, sc.f / u).astype(np.float32))
+    sc.face = None
+    if sc.shift is not None:
+        # beyond the displaced joint the pipe continues around another axis; where the ray passes the
+        # joint plane inside the near pipe but outside the far one it hits the far pipe's end face
+        zj, o2 = sc.shift["z"], sc.shift["o2"]
+        u2, th2 = _solve_wall(dx, dy, float(o2[0]), float(o2[1]))
+        if sc.deform is not None:
+            u2, th2 = _solve_wall(dx, dy, float(o2[0]), float(o2[1]), sc._rho(th2, sc.f / u2).astype(np.float32))
+        near = sc.f / u < zj
+        far = ~near & (sc.f / u2 >= zj)
+        face = ~near & ~far
+        u = np.where(near, u, np.where(far, u2, np.float32(sc.f / zj)))
+        th = np.where(far, th2, th)
+        sc.face = face.astype(np.float32)
+    sc.u, sc.theta = u, th
+    sc.z = (sc.f / u).astype(np.float32)
+    sc.px_z = sc.z * sc.z / (sc.f * sc.size / 2)  # depth covered by one pixel
+
+# %% ../nbs/01_synthetic.ipynb #f45b58f3
+def _draw_exposure(sc):
+    "Per-inspection exposure, tone curve (gamma), black level, and the lamp's aim and hot side."
+    r, s = sc.nrng["exposure"], sc.strength["exposure"]
+    sc._record("exposure", exposure=float(1.8 * np.exp(s * 0.3 * r.normal())),
+               gamma=float(1.25 * np.exp(s * 0.08 * r.normal())), black=float(s * r.uniform(0, 0.04)),
+               lamp_bias=float(s * r.uniform(0, 0.35)), lamp_dir=float(r.uniform(-np.pi, np.pi)))
+
+
+def _shade(sc):
+    "Lit wall (linear light) from albedo and gloss."
+    sc.lit_wall = sc.light(sc.z, sc.theta)
+    sc.img = (sc.alb + sc.gloss[..., None]) * sc.lit_wall[..., None]
+
+# %% ../nbs/01_synthetic.ipynb #f0e1341e
+def _paint_wall(sc):
+    "Wall albedo: the material's tint, coarse texture and fine speckle, the joint rings, FS's end face."
+    r, z, th = sc.rng, sc.z, sc.theta
+    a = (th / TAU) % 1.0
+    fade = 1 / (1 + (z / 2.5) ** 2)  # no texture detail in the dark far field (it would alias)
+    tex = sc.tex_amp * _noise(r, a, z, 16, 1.5, octaves=3)
+    tex = tex + sc.speckle * _noise(r, a, z, 160, 40, octaves=2)
+    alb = sc.albedo_rgb.astype(np.float32) * (1 + tex * fade)[..., None]
+    if sc.joint_len is not None:
+        g = (z - sc.joint_z0) / sc.joint_len
+        dz = np.abs(g - np.round(g)) * sc.joint_len
+        hw, px = sc.joint_width, sc.px_z
+        cov = np.clip(0.5 + (hw - dz) / px, 0, 1) * np.clip(2 * hw / px, 0.2, 1) * (z > sc.joint_z0 - hw)
+        lip = np.clip(0.5 + (3 * hw - dz) / px, 0, 1) - cov
+        alb = alb * (1 - sc.joint_dark * cov + 0.12 * lip)[..., None]
+    if sc.face is not None:  # end face of the displaced segment, facing the lamp
+        alb = alb * (1 + 0.35 * sc.face)[..., None]
+    sc.alb = alb
+    sc.gloss = np.zeros_like(z)
+
+# %% ../nbs/01_synthetic.ipynb #d34e4ccd
+# harmless marks every old pipe carries: (albedo multiplier rgb, ra, rb in pipe radii)
+_STAINS = {
+    "discolouration": ((0.80, 0.74, 0.66), (0.2, 0.6), (0.3, 1.0)),
+    "rust": ((0.85, 0.55, 0.35), (0.03, 0.08), (0.03, 0.08)),  # a streak running down the wall
+    "wet": ((0.62, 0.62, 0.62), (0.15, 0.45), (0.1, 0.4)),
+    "calcite": ((1.25, 1.25, 1.2), (0.04, 0.15), (0.04, 0.12)),
+}
+_MAX_STAINS = 4
+
+
+def _draw_stains(sc):
+    "Up to `_MAX_STAINS` stains; each is on with probability 0.4 x strength (at most 0.9)."
+    r, s = sc.nrng["stains"], sc.strength["stains"]
+    kinds = list(_STAINS)
+    stains = []
+    for _ in range(_MAX_STAINS):  # the same draws at every strength; the strength only switches them on
+        on = r.random() < min(0.9, 0.4 * s)
+        kind = kinds[r.integers(len(kinds))]
+        rgb, ra, rb = _STAINS[kind]
+        stains.append(dict(on=bool(on), kind=kind, theta=float(r.uniform(-np.pi, np.pi)), z=float(r.uniform(0.6, 3.0)),
+                           ra=float(r.uniform(*ra)), rb=float(r.uniform(*rb)), length=float(r.uniform(0.4, 1.4)),
+                           amount=float(r.uniform(0.4, 1.0)), rgb=(np.array(rgb) * r.normal(1, 0.05, 3)).tolist()))
+    sc._record("stains", stains=[st for st in stains if st["on"]])
+
+
+def _paint_stains(sc):
+    "Multiply the wall albedo by each stain's colour inside its soft patch (rust: a streak down the wall)."
+    if not sc.stains:
+        return
+    rough = sc._wall_noise(48, 6, sc.nrng["stains"])  # one field roughens every stain's edge: cheap
+    for st in sc.stains:
+        if st["kind"] == "rust":  # from its source down toward the invert, widening as it runs
+            sign = 1.0 if np.cos(st["theta"]) >= 0 else -1.0
+            run = _wrap(sc.theta - np.float32(st["theta"])) * sign
+            w = st["rb"] * (1 + 2 * np.clip(run, 0, None))
+            m = np.exp(-((sc.z - st["z"]) / w) ** 2) * _smoothstep((run + 0.03) / 0.05) * _smoothstep((st["length"] - run) / 0.3)
+            m = m * np.clip(0.7 + 0.5 * rough, 0, 1)
+        else:
+            m = sc._blob(st["theta"], st["z"], st["ra"], st["rb"], rough=0.6, noise=rough)
+        k = (st["amount"] * m)[..., None]
+        sc.alb = sc.alb * (1 - k + k * np.asarray(st["rgb"], np.float32))
+
+# %% ../nbs/01_synthetic.ipynb #241db273
+def _draw_water(sc):
+    """Water level as a fraction of the diameter, in Sewer-ML's 5 % steps: at strength 1, 15 % of pipes
+    dry, most at 2-30 %, some at 30-60 %; strength 0 holds every pipe at 10 %. Also the water's look."""
+    r, s = sc.nrng["water"], sc.strength["water"]
+    dry, low, high, deep = r.random(), r.uniform(0.02, 0.3), r.random(), r.uniform(0.3, 0.6)
+    lv = 0.0 if dry < 0.15 else (low if high < 0.85 else deep)
+    level = float(np.clip(0.10 + s * (lv - 0.10), 0.0, 0.65))
+    sc._record("water", water_pct=int(5 * round(level * 20)), tint=float(r.uniform(0.6, 1.4)),
+               tint_rgb=r.normal(1, 0.06, 3), glitter=float(r.uniform(0.1, 0.45)))
+    sc.level = sc.water_pct / 100
+    sc.y_water = 1 - 2 * sc.level
+    sc.o = np.array([sc.o[0], min(sc.o[1], sc.y_water - 0.25)])  # the camera stays above the water
+
+
+def _add_water(sc):
+    "The water plane at the invert, its ripples and the lamp's glittering reflection, a wet band above it."
+    r = sc.nrng["water"]
+    sc.u_water = np.zeros_like(sc.u)
+    sc.water_mask = np.zeros_like(sc.u)
+    if sc.level <= 0:
+        return
+    h = sc.y_water - float(sc.o[1])
+    uw = np.where(sc.dy > 0, sc.dy / h, 0).astype(np.float32)
+    sc.u_water = uw
+    m = np.clip((uw - sc.u) / (2.0 / sc.size) + 0.5, 0, 1) * (sc.dy > 0)
+    zw = sc.f / np.maximum(uw, 1e-4)
+    xw = float(sc.o[0]) + sc.dx / np.maximum(uw, 1e-4)
+    ripple = _noise(r, (xw / 4) % 1.0, zw, 32, 4, octaves=2)
+    base = np.array([0.15, 0.14, 0.1]) * sc.tint * np.asarray(sc.tint_rgb)
+    spec = np.exp(-((xw - float(sc.o[0])) / (0.08 + 0.05 * zw)) ** 2) * np.clip(0.3 + 0.7 * ripple, 0, 2)
+    col = base.astype(np.float32) * (1 + 0.2 * ripple[..., None]) + sc.glitter * spec[..., None]
+    lw = sc.light(zw)
+    sc.img = sc.img * (1 - m[..., None]) + col * (lw * m)[..., None]
+    sc.water_mask = m.astype(np.float32)
+    wet = np.clip(1 + (uw - sc.u) / (5.0 / sc.size), 0, 1) * (1 - m) * (sc.dy > 0)
+    sc.img = sc.img * (1 - 0.2 * wet)[..., None]
+
+# %% ../nbs/01_synthetic.ipynb #e97c709b
+_LUMA = np.array([0.299, 0.587, 0.114], np.float32)
+
+
+def _draw_camera(sc):
+    "The camera's own variation, one stream per factor: colour, vignetting, blur, noise, compression."
+    s = sc.strength
+    r = sc.nrng["colour"]
+    warm = s["colour"] * r.normal(0, 0.05)
+    sc._record("colour", cast=np.exp(s["colour"] * r.normal(0, 0.07, 3)) * np.array([1.04 + warm, 1.0, 0.9 - warm]),
+               saturation=float(np.clip(1 + s["colour"] * r.normal(0, 0.2), 0.4, 1.4)))
+    r = sc.nrng["vignetting"]
+    sc._record("vignetting", vignette=float(s["vignetting"] * r.uniform(0.1, 0.6)),
+               vignette_centre=s["vignetting"] * r.normal(0, 0.1, 2))
+    r = sc.nrng["blur"]
+    px = sc.size / 64  # blur is set in pixels of a 64 px image, so it looks the same at every size
+    moving = r.random() < 0.25
+    sc._record("blur", defocus=float(s["blur"] * r.uniform(0, 0.8) * px),
+               motion=float(s["blur"] * r.uniform(1, 3) * px * moving), motion_axis=int(r.integers(2)))
+    r = sc.nrng["noise"]
+    sc._record("noise", noise_sigma=float(s["noise"] * r.uniform(0.003, 0.02)))
+    r = sc.nrng["compression"]
+    q = 95 - s["compression"] * r.uniform(10, 65)
+    sc._record("compression", jpeg_quality=int(round(q)) if s["compression"] > 0 else None)
+
+
+def _camera(sc):
+    """Linear light to the recorded uint8 frame: vignetting, defocus and motion blur, exposure with a soft
+    highlight roll-off and colour cast, tone curve, black level, saturation, sensor noise, the text
+    overlay, then JPEG compression."""
+    size = sc.size
+    gx, gy = _base_grid(size)
+    img = sc.img
+    if sc.vignette > 0:
+        cx, cy = (float(c) for c in sc.vignette_centre)  # Python floats keep the image float32
+        img = img * (1 - sc.vignette * 0.5 * ((gx - cx) ** 2 + (gy - cy) ** 2))[..., None]
+    if sc.defocus > 0.25:  # below a quarter pixel a blur changes nothing visible
+        img = ndimage.gaussian_filter(img, (sc.defocus, sc.defocus, 0), mode="nearest", truncate=3.0)
+    if sc.motion >= 1.0:
+        img = ndimage.uniform_filter1d(img, int(round(sc.motion)) + 1, axis=sc.motion_axis, mode="nearest")
+    img = 1 - np.exp(-sc.exposure * np.maximum(img, 0) * np.asarray(sc.cast, np.float32))  # soft roll-off
+    img = sc.black + (1 - sc.black) * img ** np.float32(1 / sc.gamma)
+    if sc.saturation != 1.0:
+        lum = (img @ _LUMA)[..., None]
+        img = lum + np.float32(sc.saturation) * (img - lum)
+    noise = sc.nrng["noise"].standard_normal((size, size, 4), dtype=np.float32)
+    img = img + sc.noise_sigma * (noise[..., :1] + 0.3 * noise[..., 1:])
+    img = _overlay(sc, img)
+    u8 = np.clip(img * 255 + 0.5, 0, 255).astype(np.uint8)
+    if sc.jpeg_quality is not None:  # the video was recorded compressed: blocks and blurred chroma
+        buf = io.BytesIO()
+        Image.fromarray(u8).save(buf, format="JPEG", quality=sc.jpeg_quality)
+        u8 = np.asarray(Image.open(buf))
+    return u8
+
+# %% ../nbs/01_synthetic.ipynb #60b914ba
+# a 3 x 5 pixel font for what inspection overlays show: dates, times, metres, pipe ids
+_FONT = {
+    "0": "111101101101111", "1": "010110010010111", "2": "111001111100111", "3": "111001111001111",
+    "4": "101101111001001", "5": "111100111001111", "6": "111100111101111", "7": "111001001010010",
+    "8": "111101111101111", "9": "111101111001111", ":": "000010000010000", "-": "000000111000000",
+    ".": "000000000000010", "/": "001001010100100", "m": "000000111111101", "S": "011100010001110",
+    "K": "101110100110101", "M": "101111111101101", " ": "000000000000000",
+}
+_SUPER = 4  # the text is drawn at 4 x the resolution and averaged down: thin strokes, as in real frames
+
+
+_GLYPHS = {ch: np.concatenate([np.array([int(b) for b in bits], bool).reshape(5, 3), np.zeros((5, 1), bool)], 1)
+           for ch, bits in _FONT.items()}  # each glyph with its one-column gap
+
+
+def _glyphs(text, px):
+    "Bitmap (bool) of `text` in `_FONT`, `px` super-resolution pixels per font pixel."
+    return np.concatenate([_GLYPHS[ch] for ch in text], 1).repeat(px, 0).repeat(px, 1)
+
+
+def _draw_overlay(sc):
+    """Whether the frame carries the inspection software's text (probability 0.85 x strength, at most 1),
+    and what it says: date and time, distance counter, pipe id; size, colour, backing box."""
+    r, s = sc.nrng["overlay"], sc.strength["overlay"]
+    on = r.random() < min(1.0, 0.85 * s)
+    date = f"{r.integers(2004, 2024)}-{r.integers(1, 13):02d}-{r.integers(1, 29):02d}"
+    time_ = f"{r.integers(6, 19):02d}:{r.integers(0, 60):02d}"
+    dist = f"{r.uniform(0, 90):.2f}m"
+    pipe = f"S{r.integers(10, 999)}-K{r.integers(1, 99)}"
+    top = r.random() < 0.5  # date and time along the top or the bottom; counter and pipe id on the other edge
+    lines = [(date + " " + time_, "tl" if top else "bl"), (dist, "br" if top else "tr"), (pipe, "bl" if top else "tl")]
+    keep = r.random(3) < np.array([0.9, 0.95, 0.6])
+    sc._record("overlay", overlay=[line for line, k in zip(lines, keep) if k] if on else [],
+               text_height=float(r.uniform(0.035, 0.06)), text_rgb=[1.0, 1.0, float(r.choice([1.0, 0.7]))],
+               text_box=bool(r.random() < 0.4), text_margin=float(r.uniform(0.02, 0.05)))
+
+
+def _overlay(sc, img):
+    "Burn the overlay's text into `img` (float, after the tone curve); its pixel boxes go to `overlay_boxes`."
+    sc.overlay_boxes = []
+    if not sc.overlay:
+        return img
+    S, n = _SUPER, sc.size * _SUPER
+    px = max(1, int(round(sc.text_height * n / 5)))
+    margin = int(sc.text_margin * n)
+    img = img.copy()
+    for text, corner in sc.overlay:
+        g = _glyphs(text, px)
+        h, w = g.shape[0], min(g.shape[1], n - 2 * margin)
+        y0 = margin if corner[0] == "t" else n - margin - h
+        x0 = margin if corner[1] == "l" else n - margin - w
+        # the line's box (with a one-font-pixel border), in whole image pixels
+        bx0, by0 = max(0, (x0 - px) // S), max(0, (y0 - px) // S)
+        bx1, by1 = min(sc.size, -(-(x0 + w + px) // S)), min(sc.size, -(-(y0 + h + px) // S))
+        sc.overlay_boxes.append([bx0, by0, bx1, by1])
+        cover = np.zeros(((by1 - by0) * S, (bx1 - bx0) * S), np.float32)
+        cover[y0 - by0 * S:y0 - by0 * S + h, x0 - bx0 * S:x0 - bx0 * S + w] = g[:, :w]
+        c = cover.reshape(by1 - by0, S, bx1 - bx0, S).mean((1, 3))[..., None]
+        region = img[by0:by1, bx0:bx1]
+        if sc.text_box:  # some software draws the text on a dark translucent box
+            region = region * np.float32(0.4)
+        img[by0:by1, bx0:bx1] = region * (1 - c) + np.asarray(sc.text_rgb, np.float32) * c
+    return img
+
+# %% ../nbs/01_synthetic.ipynb #4fb6b2ec
+def _plan_DE(sc):
+    "Deformed section: an elliptical squash of depth a over the stretch za..zb (drawn by the geometry)."
+    r, v = sc.drng, sc.vis["DE"]
+    za = r.uniform(0.45, 0.45 + 0.5 * v["depth"])
+    return dict(a=float(r.uniform(0.06, 0.16) * min(1.0, 0.35 + 0.65 * v["contrast"] / 0.8)),
+                phi=float(np.pi / 2 + r.normal(0, 0.35)), za=float(za), zb=float(za + r.uniform(1.2, 3.5)))
+
+
+def _plan_FS(sc):
+    "Displaced joint: beyond the joint nearest the defect's depth the pipe continues around a shifted axis."
+    r, v = sc.drng, sc.vis["FS"]
+    zj = sc._joint_near(v["depth"])
+    mag = r.uniform(0.04, 0.12) * min(1.3, 0.35 + 0.65 * v["contrast"] / 0.8)
+    ang = r.uniform(-np.pi, np.pi)
+    sc.anchors["joint"] = zj
+    return dict(z=zj, o2=sc.o + mag * np.array([np.cos(ang), np.sin(ang)]))
 
 # %% ../nbs/01_synthetic.ipynb #0f6026f5
 # how each code is drawn; footprint: small / medium / global; cue: what separates it from the wall
@@ -493,23 +699,29 @@ DEFECT_MECHANISMS = {
     "AF": ("lumpy bed of sediment at the invert rising out of the water, in its own colour", "medium", "colour"),
     "BE": ("crusty patches (calcite, grease, biofilm, rust) stuck to the wall", "small", "colour"),
     "FO": ("solid object (stone, brick, wood, plastic) lying at the invert", "small", "shape"),
-    "GR": ("large side hole with a collar and the branch pipe's inside (with its own joint)", "medium", "shape"),
+    "GR": ("large side hole with a smooth collar and the branch's first joint inside", "medium", "shape"),
     "PH": ("hole with a jagged outline and a rough broken zone around it", "medium", "texture"),
     "PB": ("small clean round hole with a bright drilled edge", "small", "shape"),
-    "OS": ("cut in a liner: polygonal hole, light liner edge, over-cut grooves (pipe is lined)", "medium", "shape"),
+    "OS": ("router cut: polygonal hole, light cut edge, over-cut grooves (the pipe keeps its material)", "medium", "shape"),
     "OP": ("hole with a coloured transition piece shaded like a funnel", "medium", "colour"),
     "OK": ("hole inside a rectangular patch of mortar (construction change)", "medium", "colour"),
 }
+# median share of the pixels of a 64 px image a code changes (`defect_footprint`, default settings), by footprint
+FOOTPRINT_RANGES = {"small": (0.0005, 0.05), "medium": (0.0005, 0.15), "global": (0.01, 0.5)}
 
 # %% ../nbs/01_synthetic.ipynb #21e276bc
+# hole radius in pipe radii at visibility 1 (laterals of 100-200 mm in 250-400 mm mains)
+_HOLE_RADII = dict(GR=(0.22, 0.36), PH=(0.16, 0.28), PB=(0.1, 0.18), OS=(0.16, 0.28), OP=(0.16, 0.26), OK=(0.16, 0.26))
+
+
 def _draw_hole(sc, code):
+    "A lateral connection: a dark hole in the wall whose rim tells the six codes apart."
     r, v = sc.drng, sc.vis[code]
     s, k = v["scale"], sc._strength(code, 0.45)
     side = r.random() < 0.3
     around = (0.0 if r.random() < 0.5 else np.pi) if side else -np.pi / 2 + r.choice([-1, 1]) * r.uniform(0.5, 1.2)
     th0, z0 = sc._wall_angle(around, 0.25), v["depth"]
-    rh = dict(GR=(0.3, 0.45), PH=(0.22, 0.36), PB=(0.15, 0.26), OS=(0.2, 0.34), OP=(0.2, 0.32),
-              OK=(0.2, 0.32))[code]
+    rh = _HOLE_RADII[code]
     rh = float(r.uniform(*rh) * s)
     a, b = sc._local(th0, z0)
     dist = np.sqrt(a * a + b * b)
@@ -525,7 +737,7 @@ def _draw_hole(sc, code):
     inside = np.clip((radius - dist) / edge + 0.5, 0, 1)
     # the lateral seen through the hole: lit near the rim, dark deep inside
     deep = np.clip(np.sqrt(a * a + (b - 0.35 * rh) ** 2) / rh, 0, 1)
-    lat_rgb = sc.albedo_rgb * 0.8 if code != "GR" else np.array(MATERIALS["clay" if sc.material != "clay" else "pvc"][0])
+    lat_rgb = sc.albedo_rgb * 0.8  # the lateral is seen through the hole; the main pipe stays what it is
     bright = 0.04 + 0.5 * deep ** 2
     if code == "GR":  # the branch pipe's own first joint, a ring inside the hole
         bright = bright * (1 - 0.6 * np.exp(-((deep - 0.6) / 0.06) ** 2))
@@ -846,19 +1058,22 @@ def _check_codes(codes):
     return tuple(c for c in CODES if c in codes)  # canonical order: drawing does not depend on the caller's order
 
 
-def render_pipe(rng: np.random.Generator, codes=(), size: int = 128, difficulty: float = DEFAULT_DIFFICULTY):
+def render_pipe(rng: np.random.Generator, codes=(), size: int = 128, nuisance=DEFAULT_NUISANCE,
+                visibility: float = DEFAULT_VISIBILITY):
     """One inspection image (uint8, size x size x 3) of a pipe showing `codes` (empty: a normal pipe),
-    and a dict of metadata: water_level (percent int), material, boxes (pixel box per code) ..."""
+    and a dict of metadata: water_level (percent int), material, boxes (pixel box per code) ...
+    `nuisance`: how much normal pipes vary (a number for every factor, or a dict by `NUISANCE_FACTORS`);
+    `visibility`: how visible defects are (1: real sizes and contrasts)."""
     if size < 16:
         raise ValueError(f"size must be at least 16 pixels, got {size}")
-    return _Scene(rng, _check_codes(codes), size, difficulty).render()
+    return _Scene(rng, _check_codes(codes), size, nuisance, visibility).render()
 
 
-def defect_footprint(seed, codes, size=128, difficulty=DEFAULT_DIFFICULTY, threshold=12):
+def defect_footprint(seed, codes, size=128, nuisance=DEFAULT_NUISANCE, visibility=DEFAULT_VISIBILITY, threshold=12):
     """The image with `codes`, the same pipe without them, and the mask of pixels the defects changed
-    (more than `threshold` grey levels). DE, FS and OS change the pipe itself, so their mask is large."""
-    img, meta = render_pipe(np.random.default_rng(seed), codes, size, difficulty)
-    normal, _ = render_pipe(np.random.default_rng(seed), (), size, difficulty)
+    (more than `threshold` grey levels). DE and FS change the pipe's shape, so their mask is large."""
+    img, meta = render_pipe(np.random.default_rng(seed), codes, size, nuisance, visibility)
+    normal, _ = render_pipe(np.random.default_rng(seed), (), size, nuisance, visibility)
     return img, normal, np.abs(img.astype(np.int16) - normal).max(-1) > threshold
 
 # %% ../nbs/01_synthetic.ipynb #f94b3437
@@ -916,16 +1131,21 @@ def _csv_row(name, water_level, codes):
 
 def _render_chunk(task):
     "Render and save images [start, start + len(flags)); return their CSV rows."
-    folder, start, flags, size, difficulty, seed = task
+    folder, start, flags, size, nuisance, visibility, seed = task
     rows = []
     for i, is_defect in enumerate(flags, start):
         rng = _image_rng(seed, i)
         codes = sample_codes(rng, 1.0 if is_defect else 0.0)
-        img, meta = render_pipe(rng, codes, size, difficulty)
+        img, meta = render_pipe(rng, codes, size, nuisance, visibility)
         name = f"{i:08d}.png"
         Image.fromarray(img).save(Path(folder) / name, compress_level=6)
         rows.append(_csv_row(name, meta["water_level"], codes))
     return rows
+
+
+def _nuisance_setting(nuisance):
+    "The nuisance setting as synthetic.json records it: one number, or a dict with sorted factor names."
+    return {k: float(nuisance[k]) for k in sorted(nuisance)} if isinstance(nuisance, dict) else float(nuisance)
 
 
 def _dataset_problem(out: Path, params: dict):
@@ -934,6 +1154,9 @@ def _dataset_problem(out: Path, params: dict):
     if not meta.exists():
         return "no synthetic.json"
     saved = json.loads(meta.read_text())
+    if saved.get("version") != params["version"]:
+        return (f"a stale dataset: made by generator version {saved.get('version')}, this library draws "
+                f"version {params['version']}, which looks different")
     diff = {k: (saved.get(k), v) for k, v in params.items() if saved.get(k) != v}
     if diff:
         return "different parameters " + ", ".join(f"{k}: {a!r} there, {b!r} asked" for k, (a, b) in diff.items())
@@ -947,20 +1170,22 @@ def _dataset_problem(out: Path, params: dict):
 
 
 def generate_dataset(out_dir, n_train=4000, n_val=4000, size=128, defect_rate=0.47,
-                     difficulty=DEFAULT_DIFFICULTY, seed=0, workers=1, overwrite=False,
-                     val_defect_rate: float | None = None) -> Path:
+                     nuisance=DEFAULT_NUISANCE, visibility: float = DEFAULT_VISIBILITY, seed=0, workers=1,
+                     overwrite=False, val_defect_rate: float | None = None) -> Path:
     """Write a synthetic Sewer-ML: out_dir/images/00000001.png ..., SewerML_Train.csv, SewerML_Val.csv
     (columns `COLUMNS`) and synthetic.json. Returns out_dir. A complete dataset with the same parameters
-    is reused; anything else there raises unless overwrite=True. Output does not depend on `workers`.
+    and generator version is reused; anything else there (a stale version too) raises unless overwrite=True.
+    `nuisance` and `visibility`: see `render_pipe`. Output does not depend on `workers`.
     The Val split is as large as Train (Sewer-ML's is an eighth) so that the test pool, re-sampled to
     1 % defects, still holds a handful of defect images. `val_defect_rate` (default: `defect_rate`) sets
     the Val split's own rate: a study that needs many normal test images at 1 % asks for a lower one."""
     out = Path(out_dir)
     params = dict(generator="sewer_ssl.synthetic", version=GENERATOR_VERSION, n_train=int(n_train),
                   n_val=int(n_val), size=int(size), defect_rate=float(defect_rate),
-                  difficulty=float(difficulty), seed=int(seed))
+                  nuisance=_nuisance_setting(nuisance), visibility=float(visibility), seed=int(seed))
     if val_defect_rate is not None:  # only when asked, so that existing datasets keep their identity
         params["val_defect_rate"] = float(val_defect_rate)
+    nuisance_strengths(params["nuisance"]); _visibility(np.random.default_rng(0), visibility)  # bad values raise here
     if n_train < 0 or n_val < 0 or n_train + n_val == 0:
         raise ValueError(f"need a positive number of images, got n_train={n_train}, n_val={n_val}")
     for name, rate in (("defect_rate", defect_rate), ("val_defect_rate", val_defect_rate)):
@@ -983,7 +1208,8 @@ def generate_dataset(out_dir, n_train=4000, n_val=4000, size=128, defect_rate=0.
             rate = val_defect_rate if split_no == 1 and val_defect_rate is not None else defect_rate
             flags = _defect_flags(n, rate, seed, split_no)
             for s in range(0, n, chunk):
-                tasks.append((str(tmp / "images"), start + s, flags[s:s + chunk].tolist(), size, difficulty, seed))
+                tasks.append((str(tmp / "images"), start + s, flags[s:s + chunk].tolist(), size, params["nuisance"],
+                              params["visibility"], seed))
             start += n
         if workers > 1:
             with ProcessPoolExecutor(max_workers=workers) as pool:

@@ -86,20 +86,87 @@ def test_defect_share(tmp_path):
 
 def test_every_code_is_drawn_and_reported():
     for i, code in enumerate(CODES):
-        img, meta = render_pipe(np.random.default_rng(i), (code,), 64, difficulty=0.0)
+        img, meta = render_pipe(np.random.default_rng(i), (code,), 64, nuisance=0)
         assert img.shape == (64, 64, 3) and img.dtype == np.uint8
         assert meta["codes"] == (code,) and meta["boxes"][code] is not None, code
-        _, _, changed = syn.defect_footprint(i, (code,), 64, difficulty=0.0)
+        _, _, changed = syn.defect_footprint(i, (code,), 64, nuisance=0, threshold=2)  # subtle ones too
         assert changed.any(), f"{code} left the image unchanged"
     with pytest.raises(ValueError, match="XX"):
         render_pipe(np.random.default_rng(0), ("XX",))
 
 
-def test_difficulty_reduces_visibility():
-    def changed(difficulty):
-        return np.mean([syn.defect_footprint(i, (c,), 48, difficulty)[2].mean()
+def test_defect_footprints_within_their_stated_ranges():
+    """At the default settings each code changes a share of the pixels in the range its footprint class
+    states: defects are local, not a different pipe."""
+    for code in CODES:
+        shares = [syn.defect_footprint([4, i], (code,), 64)[2].mean() for i in range(7)]
+        lo, hi = syn.FOOTPRINT_RANGES[syn.DEFECT_MECHANISMS[code][1]]
+        assert lo <= np.median(shares) <= hi, (code, np.median(shares), (lo, hi))
+
+
+def test_visibility_scales_the_footprint():
+    def changed(visibility):
+        return np.mean([syn.defect_footprint(i, (c,), 48, nuisance=0, visibility=visibility)[2].mean()
                         for i in range(3) for c in ("RB", "OB", "BE", "PB", "AF", "RO")])
-    assert changed(0.0) > 2 * changed(2.0)
+    assert changed(2.0) > 1.5 * changed(0.5)
+
+
+def test_no_code_chooses_the_material():
+    """The pipe (material, tint, joints) is drawn before any defect: the same pipe with or without a code."""
+    for i in range(6):
+        for code in ("OS", "GR", "DE"):
+            a = syn._Scene(np.random.default_rng(i), (code,), 32, 1.0, 1.0)
+            b = syn._Scene(np.random.default_rng(i), (), 32, 1.0, 1.0)
+            assert a.draws == b.draws
+
+
+@pytest.mark.parametrize("factor", list(syn.NUISANCE_FACTORS))
+def test_each_nuisance_factor_changes_what_it_says_and_nothing_else(factor):
+    def draws(seed, strength):
+        return syn._Scene(np.random.default_rng(seed), ("RB",), 32, {factor: strength}, 1.0).draws
+    changed = set()
+    for seed in range(3):
+        off, on = draws(seed, 0.0), draws(seed, 2.0)
+        assert set(off) == set(on) == {"pipe", *syn.NUISANCE_FACTORS}
+        changed |= {k for k in off if off[k] != on[k]}
+    assert changed == {factor}
+
+
+def test_nuisance_in_pixels():
+    "Overlay text stays inside its boxes; vignetting darkens corners, not the centre; noise adds no bias."
+    def img(**nuisance):
+        return render_pipe(np.random.default_rng(5), (), 64, {"compression": 0, "noise": 0, **nuisance})
+    plain, _ = img(overlay=0)
+    text, meta = img(overlay=3)  # strength 3: the overlay is always there
+    assert meta["overlay_boxes"]
+    inside = np.zeros((64, 64), bool)
+    for x0, y0, x1, y1 in meta["overlay_boxes"]:
+        inside[y0:y1, x0:x1] = True
+    diff = np.abs(text.astype(int) - plain).max(-1)
+    assert diff[inside].max() > 50 and diff[~inside].max() == 0
+    dark, _ = img(overlay=0, vignetting=2)
+    ratio = dark.astype(float).mean(-1) / np.maximum(plain.astype(float).mean(-1), 1)
+    assert ratio.max() <= 1.02 and ratio[:6, :6].mean() < ratio[28:36, 28:36].mean() - 0.05
+    noisy, _ = img(overlay=0, noise=3)
+    assert np.abs(noisy.astype(int) - plain).mean() > 1 and abs(noisy.astype(float).mean() - plain.mean()) < 1.5
+
+
+def test_bad_nuisance_and_visibility_fail_clearly(tmp_path):
+    with pytest.raises(ValueError, match="fog"):
+        render_pipe(np.random.default_rng(0), (), 32, {"fog": 1})
+    with pytest.raises(ValueError, match="visibility"):
+        generate_dataset(tmp_path / "d", **TINY, visibility=0)
+    assert not (tmp_path / "d").exists()
+
+
+def test_stale_generator_version_is_refused(tmp_path):
+    out = generate_dataset(tmp_path / "d", **TINY)
+    meta = json.loads((out / "synthetic.json").read_text())
+    (out / "synthetic.json").write_text(json.dumps({**meta, "version": 1}))
+    with pytest.raises(FileExistsError, match="stale.*version 1"):
+        generate_dataset(out, **TINY)
+    generate_dataset(out, **TINY, overwrite=True)
+    assert json.loads((out / "synthetic.json").read_text())["version"] == syn.GENERATOR_VERSION
 
 
 def test_complete_dataset_is_reused(tmp_path, monkeypatch):
