@@ -626,6 +626,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '', 'doc_host': '', 'git_url
                                   'sewer_ssl.losses.byol_loss': ('losses.html#byol_loss', 'sewer_ssl/losses.py'),
                                   'sewer_ssl.losses.dino_loss': ('losses.html#dino_loss', 'sewer_ssl/losses.py'),
                                   'sewer_ssl.losses.nt_xent_loss': ('losses.html#nt_xent_loss', 'sewer_ssl/losses.py')},
+            'sewer_ssl.method_settings': {},
             'sewer_ssl.methods': { 'sewer_ssl.methods.BYOL': ('methods.html#byol', 'sewer_ssl/methods.py'),
                                    'sewer_ssl.methods.BYOL.__init__': ('methods.html#byol.__init__', 'sewer_ssl/methods.py'),
                                    'sewer_ssl.methods.BYOL.forward': ('methods.html#byol.forward', 'sewer_ssl/methods.py'),
