@@ -106,3 +106,14 @@ def test_chapters_import_only_earlier_chapters():
     order, (top, _) = chapter_order(), import_graph()
     later = sorted(f"{order[m]} imports {order[d]}" for m, ds in top.items() for d in ds if order[d] > order[m])
     assert later == [], "a chapter imports a later chapter at module level:\n" + "\n".join(later)
+
+
+# the tooling chapters (measurement, GPU checks, the docs build): the course never needs them to run
+APPENDIX = {"benchmark", "scale", "cpustep", "gpucheck", "gpu_study", "docs"}
+
+
+def test_course_chapters_do_not_import_the_appendix():
+    top, _ = import_graph()
+    assert APPENDIX <= set(top), f"appendix modules that no longer exist: {sorted(APPENDIX - set(top))}"
+    crossing = sorted(f"{m} imports {d}" for m, ds in top.items() if m not in APPENDIX for d in ds & APPENDIX)
+    assert crossing == [], "a course chapter imports the appendix at module level:\n" + "\n".join(crossing)
