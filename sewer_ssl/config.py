@@ -68,7 +68,7 @@ PAPER_EPOCHS = BUDGETS["paper"]["epochs"]   # schedules given "in epochs of 45" 
 
 @dataclass(frozen=True)
 class MethodDefaults:
-    """One method's settings as the paper gives them, declared once beside its class (chapter 06):
+    """One method's settings as the paper gives them, declared once in chapter 05a (torch-free data):
     optimisation (learning rates for a batch of 256) and the method's own settings."""
     optimizer: str        # 'lars' or 'adamw'
     lr: float             # peak learning rate at batch 256
@@ -80,16 +80,21 @@ class MethodDefaults:
 
 
 def method_table() -> dict[str, MethodDefaults]:
-    "Every registered method's declaration by name, in registration order (chapter 06)."
-    from sewer_ssl import methods   # imported on first use: the methods need torch, this chapter does not
-    return {name: cls.defaults for name, cls in methods.METHOD_REGISTRY.items()}
+    """Every method's declaration by name: the declared table (chapter 05a, plain data, no torch), then any
+    method registered at run time (`methods.register_method`) once the methods are loaded."""
+    import sys
+    from sewer_ssl.method_settings import METHOD_SETTINGS   # on first use: that chapter imports this one
+    table = dict(METHOD_SETTINGS)
+    methods = sys.modules.get("sewer_ssl.methods")   # never imported from here: it would load torch
+    if methods is not None: table.update({name: cls.defaults for name, cls in methods.METHOD_REGISTRY.items()})
+    return table
 
 
 _all_ = ["METHOD_DEFAULTS", "METHODS", "BACKBONE_ONLY"]
 
 
 def __getattr__(name):
-    "`METHOD_DEFAULTS`, `METHODS` and `BACKBONE_ONLY`, derived from the method registry when first imported."
+    "`METHOD_DEFAULTS`, `METHODS` and `BACKBONE_ONLY`, derived from `method_table()` when first read."
     if name == "METHOD_DEFAULTS": return method_table()
     if name == "METHODS": return tuple(method_table())
     if name == "BACKBONE_ONLY":   # methods that only make sense for some backbones (MAE masks ViT patch tokens)

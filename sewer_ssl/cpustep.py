@@ -313,9 +313,5 @@ def main(argv=None) -> int:
     return 0
 
 
-def _in_notebook() -> bool:
-    ip = sys.modules.get("IPython")
-    return bool(ip and getattr(ip, "get_ipython", lambda: None)())
-
-
-if __name__ == "__main__" and not _in_notebook(): sys.exit(main())
+from .files import in_notebook   # executing this notebook runs no command line
+if __name__ == "__main__" and not in_notebook(): sys.exit(main())

@@ -590,32 +590,29 @@ def load_run(run_dir, device: str = "cpu"):
 def run_predictions(run_dir, split: str = "test", test_p: float | None = None,
                     classifier: str = "linear_probe") -> pd.DataFrame:
     """A split's table (Filename, codes, Defect, path ...) with the run's `logit` and `pred` (logit > 0).
-    `classifier`: 'linear_probe' (refit from features.npz as the run did) or 'online_probe'."""
+    `classifier`: 'linear_probe' (the probe the run fitted, saved in its detector.npz) or 'online_probe'."""
     from sewer_ssl.data import PAPER_SEED, load_index, make_splits, test_sets
     from sewer_ssl.evaluate import LinearProbe
-    from sewer_ssl.experiment import resolve
-    run_dir = _run_files(run_dir, "config.json", "features.npz")
-    cfg = ExperimentConfig.from_json((run_dir / "config.json").read_text())
+    from sewer_ssl.experiment import DETECTOR_FILE, resolve
     if classifier not in ("linear_probe", "online_probe"):
         raise ValueError(f"classifier must be 'linear_probe' or 'online_probe', got {classifier!r}")
+    saved_by_run = {"linear_probe": DETECTOR_FILE, "online_probe": "checkpoint.pt"}[classifier]
+    run_dir = _run_files(run_dir, "config.json", "features.npz", saved_by_run)
+    cfg = ExperimentConfig.from_json((run_dir / "config.json").read_text())
     data_cfg = cfg.replace(data_dir=str(resolve(cfg.data_path)))
     splits = make_splits(load_index(data_cfg), data_cfg)
     if split not in splits: raise ValueError(f"split must be one of {list(splits)}, got {split!r}")
     with np.load(run_dir / "features.npz", allow_pickle=False) as f:
-        feats = {k: (f[k], f[f"{k}__keys"]) for k in ("train", split)}
+        x, keys = f[split], f[f"{split}__keys"]
 
-    def aligned(name):
-        table, (x, keys) = splits[name], feats[name]
-        pos = pd.Index(keys).get_indexer(table["Filename"].astype(str))
-        if (pos < 0).any():
-            raise ValueError(f"features.npz of {run_dir} does not hold every {name} image of this dataset; the data "
-                             f"changed since the run (run it again to re-extract the features)")
-        return table.reset_index(drop=True), x[pos]
-
-    table, x = aligned(split)
-    if classifier == "linear_probe":
-        train, x_train = aligned("train")
-        logits = LinearProbe(cfg.probe_epochs, cfg.probe_lr, seed=cfg.seed).fit(x_train, train["Defect"]).logits(x)
+    table = splits[split]
+    pos = pd.Index(keys).get_indexer(table["Filename"].astype(str))
+    if (pos < 0).any():
+        raise ValueError(f"features.npz of {run_dir} does not hold every {split} image of this dataset; the data "
+                         f"changed since the run (run it again to re-extract the features)")
+    table, x = table.reset_index(drop=True), x[pos]
+    if classifier == "linear_probe":   # the run's own probe: what its metrics and `predict` use, not a refit
+        with np.load(run_dir / DETECTOR_FILE, allow_pickle=False) as f: logits = LinearProbe.from_state(f).logits(x)
     else:
         _, method = load_run(run_dir)
         with torch.no_grad(): logits = method.online_probe(torch.from_numpy(x).float()).squeeze(1).numpy()

@@ -5,6 +5,7 @@
 # %% ../nbs/12_figures.ipynb #750edbac
 from __future__ import annotations
 
+import os
 import warnings
 from pathlib import Path
 
@@ -19,10 +20,11 @@ from .config import BACKBONES, METHODS, PAPER_MIN_SCALE, PAPER_T_VAL
 from .files import atomic_write
 
 # %% auto #0
-__all__ = ['METRIC_LABELS', 'METHOD_LABELS', 'BACKBONE_LABELS', 'RANKME_COLUMNS', 'PAPER_AUGMENTATION', 'available', 'finished',
-           'classifier_rows', 'method_order', 'pct', 'at_test_p', 'save_figure', 'heatmap_table', 'plot_heatmaps',
-           'augment_table', 'plot_augment', 'plot_resolution', 'rankme_column', 'run_points', 'rankme_correlation',
-           'plot_rankme', 'variance_explained', 'plot_variance', 'draw_grid_figures']
+__all__ = ['METRIC_LABELS', 'METHOD_LABELS', 'BACKBONE_LABELS', 'RANKME_COLUMNS', 'FIGURE_MODE', 'PAPER_AUGMENTATION',
+           'available', 'finished', 'classifier_rows', 'method_order', 'pct', 'at_test_p', 'save_figure',
+           'heatmap_table', 'plot_heatmaps', 'augment_table', 'plot_augment', 'plot_resolution', 'rankme_column',
+           'run_points', 'rankme_correlation', 'plot_rankme', 'variance_explained', 'plot_variance',
+           'draw_grid_figures']
 
 # %% ../nbs/12_figures.ipynb #43730fc5
 METRIC_LABELS = {"f1": "F1 (defect)", "f2_ciw": "F2-CIW", "f2_ciw_binary": "F2-CIW (binary)",
@@ -77,10 +79,17 @@ def at_test_p(df: pd.DataFrame, test_p="train") -> pd.DataFrame:
     return out
 
 
+FIGURE_MODE = 0o644   # figures are published (the docs site, the README): readable by everyone
+
+
 def save_figure(fig: Figure, path, dpi: int = 110) -> Path:
-    "Write `fig` as PNG atomically (temporary file in the same folder, then rename)."
+    """Write `fig` as PNG atomically (temporary file in the same folder, then rename), readable by all
+    whatever the process's umask (a private umask, or a temporary file made owner-only, would give 0600)."""
     path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
-    return atomic_write(path, lambda t: fig.savefig(t, format="png", dpi=dpi, bbox_inches="tight"))
+    def write(tmp):
+        fig.savefig(tmp, format="png", dpi=dpi, bbox_inches="tight")
+        os.chmod(tmp, FIGURE_MODE)   # before the rename: the file never appears with other permissions
+    return atomic_write(path, write)
 
 # %% ../nbs/12_figures.ipynb #a19ceb1a
 def heatmap_table(df: pd.DataFrame, metric: str = "f1", backbone: str | None = None,

@@ -20,7 +20,7 @@ from pathlib import Path
 
 # %% auto #0
 __all__ = ['FULL_BELOW_BYTES', 'temporary_sibling', 'process_alive', 'atomic_write', 'DiskFull', 'atomic_write_text', 'read_json',
-           'sweep_temporaries', 'FolderBusy', 'lock_path_for', 'folder_lock', 'project_root']
+           'sweep_temporaries', 'FolderBusy', 'lock_path_for', 'folder_lock', 'project_root', 'in_notebook']
 
 # %% ../nbs/00a_files.ipynb #eb622c42
 _TEMP_NAME = re.compile(r"^\.(?P<name>.+)\.(?P<host>[^.]+)\.(?P<pid>\d+)\.[0-9a-f]{8}\.tmp$")
@@ -169,3 +169,10 @@ def project_root(start=None) -> Path:
     for folder in (here, *here.parents):
         if (folder / "settings.ini").is_file() and (folder / "nbs").is_dir(): return folder
     return here
+
+# %% ../nbs/00a_files.ipynb #8c4be9ca
+def in_notebook() -> bool:
+    "Whether this code runs in a Jupyter/IPython shell (a notebook being executed) rather than as `python -m`."
+    import sys
+    ip = sys.modules.get("IPython")   # never imported here: a command line has no shell to find
+    return bool(ip and getattr(ip, "get_ipython", lambda: None)())

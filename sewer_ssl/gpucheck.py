@@ -390,9 +390,5 @@ def main(argv=None) -> int:
     return 1 if (checks.status == "FAILED").any() or (multi.status == "FAILED").any() else 0
 
 
-def _in_notebook() -> bool:
-    ip = sys.modules.get("IPython")
-    return bool(ip and getattr(ip, "get_ipython", lambda: None)())
-
-
-if __name__ == "__main__" and not _in_notebook(): sys.exit(main())
+from .files import in_notebook   # executing this notebook runs no command line
+if __name__ == "__main__" and not in_notebook(): sys.exit(main())

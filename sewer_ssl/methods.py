@@ -18,6 +18,7 @@ import numpy as np
 
 from .backbones import create_backbone
 from .config import PAPER_EPOCHS, ConfigError, ExperimentConfig, MethodDefaults
+from .method_settings import METHOD_SETTINGS
 from .distributed import all_reduce_mean_, gather_batch
 from .losses import barlow_twins_loss, byol_loss, dino_loss, nt_xent_loss
 
@@ -37,6 +38,9 @@ def register_method(name: str):
     constructor takes, as keywords without defaults, exactly the settings it declares in `defaults`."""
     def deco(cls):
         d: MethodDefaults = cls.defaults
+        if name in METHOD_SETTINGS and d is not METHOD_SETTINGS[name]:
+            raise TypeError(f"method {name!r} is declared in method_settings.METHOD_SETTINGS; its class takes "
+                            f"defaults = METHOD_SETTINGS[{name!r}] instead of declaring them a second time")
         params = inspect.signature(cls.__init__).parameters
         taken = {k for k, p in params.items() if k not in _NOT_SETTINGS}
         declared = set(d.extra) - set(d.read_by)
@@ -92,8 +96,7 @@ class Method(nn.Module):
 # %% ../nbs/06_methods.ipynb #0f2d13f6
 @register_method("simclr")
 class SimCLR(Method):
-    defaults = MethodDefaults("lars", lr=0.3, weight_decay=1e-6, warmup_lr=0.15,
-                              extra=dict(proj_hidden=2048, proj_dim=256, temperature=0.2))
+    defaults = METHOD_SETTINGS["simclr"]   # chapter 05a
 
     def __init__(self, backbone, feat_dim, pos_weight=1.0, *, proj_hidden, proj_dim, temperature):
         super().__init__(backbone, feat_dim, pos_weight)
@@ -141,9 +144,7 @@ def mlp(dims, bn: bool = True, act=nn.ReLU) -> nn.Sequential:
 # %% ../nbs/06_methods.ipynb #ef617678
 @register_method("byol")
 class BYOL(Method):
-    defaults = MethodDefaults("lars", lr=0.2, weight_decay=1.5e-6, warmup_lr=0.1,
-                              extra=dict(proj_hidden=2048, proj_dim=256, pred_hidden=2048,
-                                         ema_start=0.996, ema_end=0.999))
+    defaults = METHOD_SETTINGS["byol"]   # chapter 05a
 
     def __init__(self, backbone, feat_dim, pos_weight=1.0, *, proj_hidden, proj_dim, pred_hidden,
                  ema_start, ema_end):
@@ -169,8 +170,7 @@ class BYOL(Method):
 # %% ../nbs/06_methods.ipynb #b737b8b7
 @register_method("barlow")
 class BarlowTwins(Method):
-    defaults = MethodDefaults("lars", lr=0.2, weight_decay=1.5e-6, warmup_lr=0.1,
-                              extra=dict(proj_hidden=2048, proj_dim=256, lambd=0.0051, loss_scale=0.024))
+    defaults = METHOD_SETTINGS["barlow"]   # chapter 05a
 
     def __init__(self, backbone, feat_dim, pos_weight=1.0, *, proj_hidden, proj_dim, lambd, loss_scale):
         super().__init__(backbone, feat_dim, pos_weight)
@@ -212,16 +212,7 @@ def clip_per_parameter(params, clip: float) -> None:
 
 @register_method("dino")
 class DINO(Method):
-    defaults = MethodDefaults(
-        "adamw", lr=5e-4, weight_decay=1e-4, warmup_lr=3e-5,
-        extra=dict(head_hidden=2048, bottleneck=256, prototypes=8192, student_temp=0.1,
-                   teacher_temp_start=0.04, teacher_temp_end=0.07, teacher_temp_epochs=15,
-                   center_momentum=0.9, grad_clip=1.0, freeze_last_layer_epochs=1,
-                   ema_start=0.996, ema_end=0.999,
-                   # multi-crop (off in the paper): local crops of local_size px (None:
-                   # 96/224 of img_size) with area in (local_min_scale, min_scale)
-                   n_local_crops=0, local_size=None, local_min_scale=0.05),
-        read_by={k: "augment.device_views_for" for k in ("n_local_crops", "local_size", "local_min_scale")})
+    defaults = METHOD_SETTINGS["dino"]   # chapter 05a
 
     def __init__(self, backbone, feat_dim, pos_weight=1.0, *, head_hidden, bottleneck, prototypes, student_temp,
                  teacher_temp_start, teacher_temp_end, teacher_temp_epochs, center_momentum, grad_clip,
@@ -382,12 +373,7 @@ def mae_loss_released(pred_view1: torch.Tensor, imgs_view2: torch.Tensor, mask: 
 @register_method("mae")
 class MAE(Method):
     n_views = 1
-    defaults = MethodDefaults("adamw", lr=1e-3, weight_decay=0.05, warmup_lr=5e-4,
-                              extra=dict(mask_ratio=0.75, norm_pix_loss=True, decoder_dim=192, decoder_depth=12,
-                                         decoder_heads=12, encoder_heads=12),
-                              # the encoder is built before the method, from backbone_kwargs
-                              read_by={"encoder_heads": "methods.MAE.backbone_kwargs"},
-                              backbones=("vit_tiny",))   # MAE masks ViT patch tokens
+    defaults = METHOD_SETTINGS["mae"]   # chapter 05a
 
     def __init__(self, backbone, feat_dim, pos_weight=1.0, *, mask_ratio, norm_pix_loss, decoder_dim, decoder_depth,
                  decoder_heads):
@@ -411,8 +397,7 @@ class MAE(Method):
 @register_method("supervised")
 class Supervised(Method):
     n_views = 1
-    defaults = MethodDefaults("adamw", lr=5e-4, weight_decay=1e-4, warmup_lr=3e-5,
-                              extra=dict(betas=(0.9, 0.999)), read_by={"betas": "train.build_optimizer"})
+    defaults = METHOD_SETTINGS["supervised"]   # chapter 05a
 
     def __init__(self, backbone, feat_dim, pos_weight=1.0):
         super().__init__(backbone, feat_dim, pos_weight)
