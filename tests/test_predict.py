@@ -14,6 +14,7 @@ from sewer_ssl.config import ExperimentConfig
 from sewer_ssl.data import load_index, make_splits
 from sewer_ssl.evaluate import OPERATING_POINTS, operating_points
 from sewer_ssl.experiment import run_experiment
+from sewer_ssl.evaluate import knn_scores
 from sewer_ssl.predict import Detector, PredictError, export_detector, predict, read_images
 from sewer_ssl.synthetic import generate_dataset
 
@@ -42,8 +43,9 @@ def test_new_images_are_scored_and_a_corrupt_one_is_named(run):
     assert np.isclose(table.probability[0], table.probability[1 + images.index(images[0])])  # same pixels, same score
     assert table.probability.between(0, 1).all() and table.knn_percentile.between(0, 100).all()
     det = Detector.load(result["run_dir"])
-    for name in OPERATING_POINTS:
-        assert (table[f"flag_{name}"] == (table.probability >= det.thresholds[name])).all()
+    assert table.in_distribution.mean() >= 0.8          # images of the same generator look like the training data
+    for name in OPERATING_POINTS:   # an image unlike the training data is flagged at no operating point
+        assert (table[f"flag_{name}"] == ((table.probability >= det.thresholds[name]) & table.in_distribution)).all()
 
 
 def test_training_images_score_as_the_run_evaluated_them(run):
@@ -74,6 +76,46 @@ def test_operating_points_come_from_validation_labels_only(run):
     assert rows.recall.between(0, 1).all()
 
 
+def test_photos_that_are_not_pipes_are_unfamiliar_and_not_flagged(run):
+    from PIL import Image
+    from sklearn.datasets import load_sample_images   # two photos (a pagoda, a flower), shipped with scikit-learn
+    tmp, cfg, result = run
+    folder = tmp / "photos"; folder.mkdir(exist_ok=True)
+    for i, photo in enumerate(load_sample_images().images):
+        Image.fromarray(photo).save(folder / f"photo{i}.png"); Image.fromarray(photo).convert("RGBA").save(folder / f"rgba{i}.png")
+    first_test = tmp / "data" / "images" / result["splits"]["test"].Filename.iloc[0]
+    Image.open(first_test).convert("RGB").resize((8, 8)).save(folder / "tiny.png")
+    table, failed = predict(result["run_dir"], [folder], progress=False)
+    by_name = table.set_index(table.file.map(lambda f: Path(f).name))
+    photos = by_name.drop(index="tiny.png")
+    assert not failed and not photos.in_distribution.any(), photos[["probability", "reason"]]
+    assert photos.reason.str.contains("unlike the training images").all()
+    assert not by_name.in_distribution["tiny.png"] and "upscaled from 8x8 to 32x32" in by_name.reason["tiny.png"]
+    assert not table[[f"flag_{n}" for n in OPERATING_POINTS]].to_numpy().any()
+    kept, _ = predict(result["run_dir"], [folder], progress=False, keep_unfamiliar=True)   # the option keeps them
+    det = Detector.load(result["run_dir"])
+    for name in OPERATING_POINTS:
+        assert (kept[f"flag_{name}"] == (kept.probability >= det.thresholds[name])).all()
+    # the run's own test images (held out like the validation images the thresholds came from): most are familiar
+    own, _ = predict(result["run_dir"], [tmp / "data" / "images" / f for f in result["splits"]["test"].Filename], progress=False)
+    assert own.in_distribution.mean() >= 0.9, own.reason[~own.in_distribution].tolist()
+
+
+def test_familiarity_thresholds_come_from_held_out_normal_images(run):
+    tmp, cfg, result = run
+    det = Detector.load(result["run_dir"])
+    val = result["splits"]["val"]
+    with np.load(result["run_dir"] / "features.npz") as f:
+        pos = pd.Index(f["val__keys"].astype(str)).get_indexer(val.Filename.astype(str))
+        normal = knn_scores(f["train"], f["val"][pos][val.Defect.to_numpy() == 0], k=det.knn_k)
+    fam = det.familiarity
+    np.testing.assert_allclose(fam["normal_features"], np.sort(normal), rtol=1e-5)
+    # each threshold: the smallest distance that at least 99 % of the held-out normal images stay within
+    for name, distances in (("features", normal), ("stats", fam["normal_stats"])):
+        t = fam[f"threshold_{name}"]
+        assert (distances <= t * (1 + 1e-6)).mean() >= 0.99 and (distances < t * (1 - 1e-6)).mean() < 0.99
+
+
 def test_exported_detectors_score_as_pytorch(run):
     pytest.importorskip("onnxruntime")
     import onnxruntime
@@ -99,6 +141,10 @@ def test_the_command_line_scores_a_folder_and_writes_a_report(run):
     corrupt = (tmp / "new" / "images" / "corrupt.png").exists()
     assert p.returncode == (2 if corrupt else 0), p.stderr
     assert "images scored" in p.stdout and out.is_file() and report.read_text().count("<figure>") == 3
+    det = Detector.load(result["run_dir"])
+    for name, t in det.thresholds.items():   # enough digits to tell a threshold from 0, and what it flags
+        assert f"{name:7s} threshold {t:.3g} (flags {det.share_flagged(name):.1%} of the run's validation images)" in p.stdout
+    assert " 0.000" not in p.stdout and "what it means" in report.read_text()
 
 
 def test_a_folder_that_is_not_a_finished_run_is_named(tmp_path):
