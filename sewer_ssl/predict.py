@@ -25,7 +25,7 @@ from torch import nn
 
 from .config import NORM_MEAN, NORM_STD, ExperimentConfig
 from .controls import image_statistics
-from .data import decode_image
+from .data import _default_image_dir, decode_image
 from .evaluate import OPERATING_POINTS, LinearProbe, extract_features, knn_scores
 from .experiment import DETECTOR_FILE, pickle_payload_message
 from .explorers import load_run
@@ -33,9 +33,10 @@ from .files import atomic_write, atomic_write_text
 from .train import TrainingError
 
 # %% auto #0
-__all__ = ['OOD_ALPHA', 'STAT_FLOOR', 'IMAGE_SUFFIXES', 'POINT_MEANINGS', 'PredictError', 'familiarity_reference', 'Detector',
-           'check_output_path', 'collect_inputs', 'read_images', 'image_sizes', 'predict', 'describe_points',
-           'triage_report', 'ExportedDetector', 'input_contract', 'export_detector', 'main']
+__all__ = ['OOD_ALPHA', 'STAT_FLOOR', 'IMAGE_SUFFIXES', 'POINT_MEANINGS', 'DECODE_CONTRACT', 'PredictError',
+           'familiarity_reference', 'Detector', 'check_output_path', 'collect_inputs', 'read_images', 'image_sizes',
+           'predict', 'describe_points', 'triage_report', 'ExportedDetector', 'input_contract', 'export_detector',
+           'main']
 
 # %% ../nbs/17_predict.ipynb #47e47d3e
 class PredictError(ValueError):
@@ -193,7 +194,9 @@ def check_output_path(path, option: str, kind: str = "file") -> Path:
 
 
 def collect_inputs(inputs, image_dir=None) -> list[Path]:
-    "The image paths named by `inputs` (files, folders, CSVs with a `Filename` column), in order, deduplicated."
+    """The image paths named by `inputs` (files, folders, CSVs with a `Filename` column), in order, deduplicated.
+    A CSV's names are found as training finds them: in `image_dir` if given, else in `images/` beside the CSV
+    or in the CSV's own folder, whichever holds its first image."""
     paths = []
     for item in inputs:
         p = Path(item).expanduser()
@@ -210,10 +213,11 @@ def collect_inputs(inputs, image_dir=None) -> list[Path]:
             table.columns = [str(c).strip() for c in table.columns]
             if "Filename" not in table:
                 raise PredictError(f"{p} has no 'Filename' column (columns: {list(table.columns)[:8]})")
-            base = Path(image_dir).expanduser() if image_dir else p.parent
             names = table["Filename"].str.strip()
             if (names == "").any():
                 raise PredictError(f"{p}: {int((names == '').sum())} row(s) have an empty Filename; fill them or drop them")
+            # the folder training would read: `images/` beside the CSV or the CSV's own folder (chapter 02)
+            base = Path(image_dir).expanduser() if image_dir else _default_image_dir(p.parent, names.iloc[0] if len(names) else None)
             paths += [base / name for name in names]
         else:
             paths.append(p)
@@ -366,6 +370,19 @@ class ExportedDetector(nn.Module):
     def forward(self, images): return torch.sigmoid(self.logit((images - self.norm_mean) / self.norm_std))
 
 
+# how the run's image cache turned files into 8-bit RGB (sewer_ssl.data.decode_image); a deployment must do the same
+DECODE_CONTRACT = {
+    "function": "sewer_ssl.data.decode_image",
+    "bit_depth": "16-bit images (PIL modes I;16*, I) keep their top 8 bits: value >> 8 after clipping to 0-65535, "
+                 "whatever the image's own range (not PIL's convert, which clips at 255)",
+    "float": "32-bit float images (mode F): values all within [0, 1] are fractions of full scale (x 255); "
+             "otherwise 0-255 values, clipped, NaN as 0; then rounded",
+    "mode": "grayscale is repeated into R = G = B; palette images are expanded; alpha (and palette "
+            "transparency) is dropped, not composited",
+    "exif_orientation": "not applied: the pixels as stored in the file, as in training",
+    "frames": "the first frame of a multi-frame file"}
+
+
 def input_contract(det: Detector) -> dict:
     "What an exported detector expects and returns."
     s = det.img_size
@@ -373,6 +390,7 @@ def input_contract(det: Detector) -> dict:
             "input": {"name": "images", "shape": ["batch", 3, s, s], "dtype": "float32", "layout": "NCHW",
                       "channel_order": "RGB", "range": [0.0, 1.0],
                       "resize": f"the whole decoded image, converted to 8-bit RGB, resized to {s}x{s} bicubic (PIL)",
+                      "decode": DECODE_CONTRACT,
                       "normalisation": {"inside_the_model": True, "mean": list(NORM_MEAN), "std": list(NORM_STD)}},
             "output": {"name": "defect_probability", "shape": ["batch"], "dtype": "float32",
                        "meaning": "the linear probe's probability that the image shows a defect",

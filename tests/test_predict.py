@@ -61,6 +61,16 @@ def test_training_images_score_as_the_run_evaluated_them(run):
     np.testing.assert_allclose(table.probability, expected, atol=1e-5)
 
 
+def test_a_labels_csv_is_read_with_its_images_where_training_finds_them(run):
+    tmp, cfg, result = run
+    folder = tmp / "own"; (folder / "images").mkdir(parents=True, exist_ok=True)
+    names = sorted(p.name for p in (tmp / "new" / "images").glob("0*.png"))[:5]
+    for n in names: (folder / "images" / n).write_bytes((tmp / "new" / "images" / n).read_bytes())
+    pd.DataFrame({"Filename": names, "Defect": 0}).to_csv(folder / "labels.csv", index=False)
+    table, failed = predict(result["run_dir"], [folder / "labels.csv"], progress=False)
+    assert not failed and [Path(f) for f in table.file] == [folder / "images" / n for n in names]
+
+
 def test_operating_points_come_from_validation_labels_only(run):
     tmp, cfg, result = run
     det = Detector.load(result["run_dir"])
@@ -130,6 +140,36 @@ def test_exported_detectors_score_as_pytorch(run):
     scripted = torch.jit.load(str(paths["torchscript"]))(x).numpy()
     onnx = onnxruntime.InferenceSession(str(paths["onnx"]), providers=["CPUExecutionProvider"]).run(None, {"images": x.numpy()})[0]
     assert np.abs(scripted - reference).max() < 1e-4 and np.abs(onnx - reference).max() < 1e-4
+
+
+def test_onnx_scores_16_bit_and_grayscale_files_as_predict_does_when_fed_by_the_contract(run):
+    pytest.importorskip("onnxruntime")
+    import onnxruntime
+    from PIL import Image
+    tmp, cfg, result = run
+    det = Detector.load(result["run_dir"])
+    paths = export_detector(det, tmp / "export_contract")
+    decode = json.loads(paths["contract"].read_text())["input"]["decode"]
+    assert "top 8 bits" in decode["bit_depth"] and "not applied" in decode["exif_orientation"]
+    rgb = np.asarray(Image.open(sorted((tmp / "new" / "images").glob("0*.png"))[0]).convert("RGB"))
+    deep, gray = tmp / "deep16.png", tmp / "gray8.png"
+    Image.fromarray((rgb.mean(2) * 257).astype(np.uint16)).save(deep); Image.fromarray(rgb).convert("L").save(gray)
+    assert Image.open(deep).mode.startswith("I")
+
+    def by_contract(path):   # numpy and PIL only, as a deployment would follow detector.json
+        a = np.asarray(Image.open(path))
+        if a.dtype.kind in "iu" and a.dtype.itemsize > 1: a = (np.clip(a, 0, 65535) >> 8).astype(np.uint8)
+        if a.ndim == 2: a = np.repeat(a[..., None], 3, axis=2)
+        a = np.asarray(Image.fromarray(a).resize((det.img_size,) * 2, Image.Resampling.BICUBIC))
+        return a.transpose(2, 0, 1)[None].astype(np.float32) / 255
+
+    session = onnxruntime.InferenceSession(str(paths["onnx"]), providers=["CPUExecutionProvider"])
+    onnx = [session.run(None, {"images": by_contract(p)})[0][0] for p in (deep, gray)]
+    table, _ = predict(result["run_dir"], [deep, gray], progress=False)
+    np.testing.assert_allclose(table.probability, onnx, atol=1e-4)
+    pixels, _, _ = read_images([deep, gray], det.img_size)   # the very pixels predict saw, not only the same score
+    for p, seen in zip((deep, gray), pixels):
+        np.testing.assert_array_equal(np.rint(by_contract(p)[0] * 255).astype(np.uint8), seen.transpose(2, 0, 1))
 
 
 def test_the_command_line_scores_a_folder_and_writes_a_report(run):
