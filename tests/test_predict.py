@@ -3,6 +3,7 @@ validation data only, the triage report and the exported detectors."""
 import json
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +26,10 @@ def run(tmp_path_factory):
     cfg = ExperimentConfig(method="simclr", img_size=32, epochs=1, batch_size=32, device="cpu", run_id="tiny",
                            out_dir=str(tmp / "runs"), data_dir=str(tmp / "data"), test_ps=(0.15, 0.05), probe_epochs=50,
                            data_kwargs=dict(n_train=200, n_val=400, size=32), method_kwargs=dict(proj_hidden=64, proj_dim=32))
-    result = run_experiment(cfg, progress=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = run_experiment(cfg, progress=False)
+    result["warnings"] = [str(w.message) for w in caught]
     generate_dataset(tmp / "new", n_train=12, n_val=4, size=48, seed=123)   # images the run never saw
     return tmp, cfg, result
 
@@ -124,6 +128,19 @@ def test_familiarity_thresholds_come_from_held_out_normal_images(run):
     for name, distances in (("features", normal), ("stats", fam["normal_stats"])):
         t = fam[f"threshold_{name}"]
         assert (distances <= t * (1 + 1e-6)).mean() >= 0.99 and (distances < t * (1 - 1e-6)).mean() < 0.99
+
+
+def test_metrics_of_test_sets_with_few_defects_are_flagged_and_said(run):
+    tmp, cfg, result = run
+    summary = json.loads((result["run_dir"] / "metrics.json").read_text())
+    rows = pd.DataFrame(summary["rows"])
+    few = rows.loc[rows.n_defect < 20].drop_duplicates("test_p")
+    assert len(few)   # this tiny run's test sets are small
+    flagged = summary["too_small_to_read"]
+    assert flagged["min_defects"] == 20
+    assert [(r["test_p"], r["n_defect"]) for r in flagged["test_sets"]] == list(zip(few.test_p, few.n_defect))
+    said = [w for w in result["warnings"] if "too_small_to_read" in w]
+    assert len(said) == 1 and all(f"{p:g}" in said[0] for p in few.test_p)
 
 
 def test_exported_detectors_score_as_pytorch(run):
