@@ -337,10 +337,9 @@ def _run_locked(cfg, train_cfg, index, splits, pools, fingerprints, run_dir, t_s
                 "val_probability": np.sort(val_prob).astype(np.float32), "val_knn": np.sort(val_knn).astype(np.float32),
                 "knn_k": np.int64(min(KNN_K, len(train_df))), "img_size": np.int64(cfg.img_size),
                 **{f"threshold__{name}": np.float64(t) for name, t in points.items()}}
-    # whether a new image looks like the training data: thresholds from held-out normal images (chapter 17)
+    # whether a new image looks like the training data: thresholds from the held-out validation images (chapter 17)
     from sewer_ssl.predict import familiarity_reference   # here: chapter 17 imports this module
-    detector.update(familiarity_reference(cache.images, rows, feats, val_pool.Defect.to_numpy() == 0,
-                                          k=min(KNN_K, len(train_df))))
+    detector.update(familiarity_reference(cache.images, rows, feats, k=min(KNN_K, len(train_df))))
     def write_detector(tmp):
         with open(tmp, "wb") as fh: np.savez(fh, **detector)
     atomic_write(run_dir / DETECTOR_FILE, write_detector)

@@ -43,7 +43,7 @@ class PredictError(ValueError):
     "A prediction request cannot be served; the message names the file or setting and the fix."
 
 
-OOD_ALPHA = 0.01   # per check, the share of held-out normal images allowed to be called unfamiliar
+OOD_ALPHA = 0.01   # per check, the share of held-out validation images allowed to be called unfamiliar
 STAT_FLOOR = 0.01  # an image statistic (a fraction of full scale) constant in training varies by at least this
 
 
@@ -61,28 +61,25 @@ def _statistics(images, rows, chunk: int = 2048) -> np.ndarray:
                           or [np.zeros((0, 36), np.float32)])
 
 
-def familiarity_reference(images, rows: dict, features: dict, val_normal, k: int, alpha: float = OOD_ALPHA) -> dict:
+def familiarity_reference(images, rows: dict, features: dict, k: int, alpha: float = OOD_ALPHA) -> dict:
     """The arrays `detector.npz` keeps to tell whether a new image looks like the training data. Two label-free
     distances to the training images: in the run's feature space (the cosine kNN score of chapter 09) and in
     the 36 image statistics of chapter 09a (Euclidean kNN after standardising on the training images), which
     still sees a photo of a flower as unlike a pipe when the encoder is barely trained. Each threshold is the
-    distance that a share 1 - `alpha` of the held-out normal validation images (`val_normal`) stay within.
+    smallest distance that a share 1 - `alpha` of the held-out validation images stay within: normal and
+    defect images alike, since a defect is the kind of image the detector is for, not a stranger.
     `images[rows[split]]` and `features[split]` ("train", "val"): the run's cached images and their features."""
-    val_normal = np.asarray(val_normal, bool)
-    if not val_normal.any():
-        raise ValueError("the familiarity thresholds need at least one normal validation image")
-    train_stats = _statistics(images, rows["train"])
-    val_stats = _statistics(images, np.asarray(rows["val"])[val_normal])
+    train_stats, val_stats = _statistics(images, rows["train"]), _statistics(images, rows["val"])
     mean, scale = train_stats.mean(0), np.maximum(train_stats.std(0), STAT_FLOOR)
     train_z = ((train_stats - mean) / scale).astype(np.float32)
-    normal_features = knn_scores(features["train"], features["val"][val_normal], k=k)
-    normal_stats = _stats_distance(train_z, (val_stats - mean) / scale, k)
+    held_out_features = knn_scores(features["train"], features["val"], k=k)
+    held_out_stats = _stats_distance(train_z, (val_stats - mean) / scale, k)
     return {"ood__alpha": np.float64(alpha), "ood__stats_mean": mean.astype(np.float32),
             "ood__stats_scale": scale.astype(np.float32), "ood__train_stats": train_z,
-            "ood__normal_features": np.sort(normal_features).astype(np.float32),
-            "ood__normal_stats": np.sort(normal_stats).astype(np.float32),
-            "ood__threshold_features": np.float64(np.quantile(normal_features, 1 - alpha, method="inverted_cdf")),
-            "ood__threshold_stats": np.float64(np.quantile(normal_stats, 1 - alpha, method="inverted_cdf"))}
+            "ood__held_out_features": np.sort(held_out_features).astype(np.float32),
+            "ood__held_out_stats": np.sort(held_out_stats).astype(np.float32),
+            "ood__threshold_features": np.float64(np.quantile(held_out_features, 1 - alpha, method="inverted_cdf")),
+            "ood__threshold_stats": np.float64(np.quantile(held_out_stats, 1 - alpha, method="inverted_cdf"))}
 
 
 class Detector:
@@ -94,11 +91,10 @@ class Detector:
         self.train_features = reference["train_features"]
         self.val_probability, self.val_knn = reference["val_probability"], reference["val_knn"]
         self.knn_k = int(reference["knn_k"])
-        # a run evaluated before the familiarity check keeps no image statistics: its features are checked
-        # against all its validation images (normal and defect alike: all are pipes)
+        # a run evaluated before the familiarity check keeps no image statistics: only its features are checked
         self.familiarity = {k[5:]: v for k, v in reference.items() if k.startswith("ood__")}
         if "threshold_features" not in self.familiarity:
-            self.familiarity = {"alpha": OOD_ALPHA, "normal_features": self.val_knn,
+            self.familiarity = {"alpha": OOD_ALPHA, "held_out_features": self.val_knn,
                                 "threshold_features": float(np.quantile(self.val_knn, 1 - OOD_ALPHA, method="inverted_cdf"))}
 
     @property
@@ -132,7 +128,7 @@ class Detector:
         "`in_distribution` and the `reason` of each image: its distances to the training images, its original size."
         fam, pct = self.familiarity, round(100 * (1 - float(self.familiarity["alpha"])))
         far = knn > fam["threshold_features"]
-        reasons = [[f"features farther from the training images than {pct} % of held-out normal images "
+        reasons = [[f"features farther from the training images than {pct} % of held-out validation images "
                     f"(kNN distance {d:.3g} > {fam['threshold_features']:.3g})"] if f else [] for d, f in zip(knn, far)]
         if "threshold_stats" in fam:
             z = (image_statistics(images) - fam["stats_mean"]) / fam["stats_scale"]
@@ -140,7 +136,7 @@ class Detector:
             odd = dist > fam["threshold_stats"]
             for r, d, o in zip(reasons, dist, odd):
                 if o: r.append(f"colours and texture unlike the training images (image-statistics distance {d:.3g} > "
-                               f"{fam['threshold_stats']:.3g}, which {pct} % of held-out normal images stay within)")
+                               f"{fam['threshold_stats']:.3g}, which {pct} % of held-out validation images stay within)")
             far = far | odd
         tiny = np.zeros(len(images), bool)
         for i, size in enumerate(sizes if sizes is not None else [None] * len(images)):
@@ -468,6 +464,11 @@ def main(argv=None) -> int:
         print(f"  {n_odd} image(s) unlike the training data (in_distribution False, the reason column says why): "
               + ("flagged by their probability (--keep-unfamiliar)" if args.keep_unfamiliar else
                  "flagged at no operating point; --keep-unfamiliar flags them by their probability"))
+        n_held_out = len(det.familiarity["held_out_features"])
+        if n_held_out < 1 / det.familiarity["alpha"]:
+            print(f"  (the familiarity thresholds come from only {n_held_out} validation images: per yardstick, about 1 "
+                  f"in {n_held_out + 1} ordinary images is expected among the unfamiliar by chance; read their reasons, "
+                  "or pass --keep-unfamiliar)")
     if args.report: print(f"report: {triage_report(det, table, args.report, args.top_k, failed)}")
     for p, why in failed: print(f"unreadable: {p}: {why}", file=sys.stderr)
     return 2 if failed else 0   # 2: some images could not be read (the others are scored and written)
