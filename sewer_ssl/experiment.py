@@ -39,10 +39,10 @@ from .train import TrainingError, TrainingInterrupted, _train_signature, autocas
 from sklearn.metrics import roc_auc_score
 
 # %% auto #0
-__all__ = ['METRIC_COLUMNS', 'MONITOR_IMAGES', 'DETECTOR_FILE', 'DATA_FILE', 'LIDAR_IMAGES', 'LIDAR_VIEWS', 'CONFIG_FIELDS',
-           'resolve', 'check_settings_fit', 'check_run_folder', 'check_run_data', 'pickle_payload_message',
-           'prepare_resume', 'check_pools', 'view_embeddings', 'run_experiment', 'summary_table', 'typed_setting',
-           'config_from', 'parse_overrides', 'main']
+__all__ = ['METRIC_COLUMNS', 'MONITOR_IMAGES', 'DETECTOR_FILE', 'MIN_READABLE_DEFECTS', 'DATA_FILE', 'LIDAR_IMAGES',
+           'LIDAR_VIEWS', 'CONFIG_FIELDS', 'resolve', 'check_settings_fit', 'check_run_folder', 'check_run_data',
+           'pickle_payload_message', 'prepare_resume', 'check_pools', 'view_embeddings', 'run_experiment',
+           'summary_table', 'typed_setting', 'config_from', 'parse_overrides', 'main']
 
 # %% ../nbs/10_experiment.ipynb #5f3752fd
 def resolve(path) -> Path:
@@ -66,6 +66,7 @@ def _json_ready(x):
 
 MONITOR_IMAGES = 512  # validation images scored after every epoch
 DETECTOR_FILE = "detector.npz"   # the probe, its operating points and reference scores (chapter 17)
+MIN_READABLE_DEFECTS = 20   # fewer defects in a test set: its metrics are flagged as too small to read
 
 
 def check_settings_fit(cfg: ExperimentConfig) -> None:
@@ -336,6 +337,9 @@ def _run_locked(cfg, train_cfg, index, splits, pools, fingerprints, run_dir, t_s
                 "val_probability": np.sort(val_prob).astype(np.float32), "val_knn": np.sort(val_knn).astype(np.float32),
                 "knn_k": np.int64(min(KNN_K, len(train_df))), "img_size": np.int64(cfg.img_size),
                 **{f"threshold__{name}": np.float64(t) for name, t in points.items()}}
+    # whether a new image looks like the training data: thresholds from the held-out validation images (chapter 17)
+    from sewer_ssl.predict import familiarity_reference   # here: chapter 17 imports this module
+    detector.update(familiarity_reference(cache.images, rows, feats, k=min(KNN_K, len(train_df))))
     def write_detector(tmp):
         with open(tmp, "wb") as fh: np.savez(fh, **detector)
     atomic_write(run_dir / DETECTOR_FILE, write_detector)
@@ -366,6 +370,13 @@ def _run_locked(cfg, train_cfg, index, splits, pools, fingerprints, run_dir, t_s
               for name, logits in classifiers.items()]
     metrics = pd.concat(tables, ignore_index=True)
     metrics = metrics[[c for c in METRIC_COLUMNS if c in metrics] + [c for c in metrics if c not in METRIC_COLUMNS]]
+    # a test set with few defects gives metrics that move by whole steps per image: said, and kept in metrics.json
+    small = metrics.loc[metrics.n_defect < MIN_READABLE_DEFECTS, ["test_p", "n", "n_defect"]].drop_duplicates("test_p")
+    if len(small):
+        warnings.warn(f"{cfg.name}: test set(s) at test_p {', '.join(f'{p:g}' for p in small.test_p)} hold only "
+                      f"{', '.join(str(int(d)) for d in small.n_defect)} defect image(s) (fewer than {MIN_READABLE_DEFECTS}): "
+                      "their recall, F1 and AUROC move by large steps per image and cannot be read as the model's "
+                      "quality; metrics.json lists them under too_small_to_read", stacklevel=2)
     # every classifier's score of every test-pool image: paired comparisons between runs resample these
     # (kNN scores once per feature space: the trained backbone's, and each control's)
     test_scores = {"filename": names["test"].astype(str).astype(np.bytes_),
@@ -389,6 +400,7 @@ def _run_locked(cfg, train_cfg, index, splits, pools, fingerprints, run_dir, t_s
         "operating_points": {"chosen_on": "validation pool", "target_recall": cfg.target_recall, "thresholds": points,
                              "rows": point_rows},
         "batch_size": train_cfg.batch_size, "peak_lr": train_cfg.peak_lr,
+        "too_small_to_read": {"min_defects": MIN_READABLE_DEFECTS, "test_sets": small.to_dict("records")},
         "data": {"fingerprints": fingerprints, "changed_since_last_evaluation": changed, "features": feature_log},
     }
     summary = _json_ready(summary)

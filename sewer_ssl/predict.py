@@ -24,7 +24,8 @@ import torch
 from torch import nn
 
 from .config import NORM_MEAN, NORM_STD, ExperimentConfig
-from .data import decode_image
+from .controls import image_statistics
+from .data import _default_image_dir, decode_image
 from .evaluate import OPERATING_POINTS, LinearProbe, extract_features, knn_scores
 from .experiment import DETECTOR_FILE, pickle_payload_message
 from .explorers import load_run
@@ -32,12 +33,53 @@ from .files import atomic_write, atomic_write_text
 from .train import TrainingError
 
 # %% auto #0
-__all__ = ['IMAGE_SUFFIXES', 'PredictError', 'Detector', 'check_output_path', 'collect_inputs', 'read_images', 'predict',
-           'triage_report', 'ExportedDetector', 'input_contract', 'export_detector', 'main']
+__all__ = ['OOD_ALPHA', 'STAT_FLOOR', 'IMAGE_SUFFIXES', 'POINT_MEANINGS', 'DECODE_CONTRACT', 'PredictError',
+           'familiarity_reference', 'Detector', 'check_output_path', 'collect_inputs', 'read_images', 'image_sizes',
+           'predict', 'describe_points', 'triage_report', 'ExportedDetector', 'input_contract', 'export_detector',
+           'main']
 
 # %% ../nbs/17_predict.ipynb #47e47d3e
 class PredictError(ValueError):
     "A prediction request cannot be served; the message names the file or setting and the fix."
+
+
+OOD_ALPHA = 0.01   # per check, the share of held-out validation images allowed to be called unfamiliar
+STAT_FLOOR = 0.01  # an image statistic (a fraction of full scale) constant in training varies by at least this
+
+
+def _stats_distance(reference: np.ndarray, query: np.ndarray, k: int) -> np.ndarray:
+    "Mean Euclidean distance of each standardised `query` row to its `k` nearest `reference` rows."
+    from sklearn.neighbors import NearestNeighbors
+    if len(query) == 0: return np.zeros(0, np.float32)
+    return NearestNeighbors(n_neighbors=k).fit(reference).kneighbors(query)[0].mean(1).astype(np.float32)
+
+
+def _statistics(images, rows, chunk: int = 2048) -> np.ndarray:
+    "`image_statistics` of `images[rows]`, a chunk at a time (the training images need not fit in memory)."
+    rows = np.asarray(rows)
+    return np.concatenate([image_statistics(images[rows[s:s + chunk]]) for s in range(0, len(rows), chunk)]
+                          or [np.zeros((0, 36), np.float32)])
+
+
+def familiarity_reference(images, rows: dict, features: dict, k: int, alpha: float = OOD_ALPHA) -> dict:
+    """The arrays `detector.npz` keeps to tell whether a new image looks like the training data. Two label-free
+    distances to the training images: in the run's feature space (the cosine kNN score of chapter 09) and in
+    the 36 image statistics of chapter 09a (Euclidean kNN after standardising on the training images), which
+    still sees a photo of a flower as unlike a pipe when the encoder is barely trained. Each threshold is the
+    smallest distance that a share 1 - `alpha` of the held-out validation images stay within: normal and
+    defect images alike, since a defect is the kind of image the detector is for, not a stranger.
+    `images[rows[split]]` and `features[split]` ("train", "val"): the run's cached images and their features."""
+    train_stats, val_stats = _statistics(images, rows["train"]), _statistics(images, rows["val"])
+    mean, scale = train_stats.mean(0), np.maximum(train_stats.std(0), STAT_FLOOR)
+    train_z = ((train_stats - mean) / scale).astype(np.float32)
+    held_out_features = knn_scores(features["train"], features["val"], k=k)
+    held_out_stats = _stats_distance(train_z, (val_stats - mean) / scale, k)
+    return {"ood__alpha": np.float64(alpha), "ood__stats_mean": mean.astype(np.float32),
+            "ood__stats_scale": scale.astype(np.float32), "ood__train_stats": train_z,
+            "ood__held_out_features": np.sort(held_out_features).astype(np.float32),
+            "ood__held_out_stats": np.sort(held_out_stats).astype(np.float32),
+            "ood__threshold_features": np.float64(np.quantile(held_out_features, 1 - alpha, method="inverted_cdf")),
+            "ood__threshold_stats": np.float64(np.quantile(held_out_stats, 1 - alpha, method="inverted_cdf"))}
 
 
 class Detector:
@@ -49,6 +91,11 @@ class Detector:
         self.train_features = reference["train_features"]
         self.val_probability, self.val_knn = reference["val_probability"], reference["val_knn"]
         self.knn_k = int(reference["knn_k"])
+        # a run evaluated before the familiarity check keeps no image statistics: only its features are checked
+        self.familiarity = {k[5:]: v for k, v in reference.items() if k.startswith("ood__")}
+        if "threshold_features" not in self.familiarity:
+            self.familiarity = {"alpha": OOD_ALPHA, "held_out_features": self.val_knn,
+                                "threshold_features": float(np.quantile(self.val_knn, 1 - OOD_ALPHA, method="inverted_cdf"))}
 
     @property
     def img_size(self) -> int: return self.cfg.img_size
@@ -77,15 +124,46 @@ class Detector:
         return extract_features(self.method, self.method.features, images, np.arange(len(images)),
                                 batch_size=batch_size, device=self.device)
 
-    def score(self, images: np.ndarray, batch_size: int = 256) -> pd.DataFrame:
-        "Probability, kNN score and its validation percentile, and the decision at each operating point."
+    def familiar(self, images: np.ndarray, knn: np.ndarray, sizes=None) -> pd.DataFrame:
+        "`in_distribution` and the `reason` of each image: its distances to the training images, its original size."
+        fam, pct = self.familiarity, round(100 * (1 - float(self.familiarity["alpha"])))
+        far = knn > fam["threshold_features"]
+        reasons = [[f"features farther from the training images than {pct} % of held-out validation images "
+                    f"(kNN distance {d:.3g} > {fam['threshold_features']:.3g})"] if f else [] for d, f in zip(knn, far)]
+        if "threshold_stats" in fam:
+            z = (image_statistics(images) - fam["stats_mean"]) / fam["stats_scale"]
+            dist = _stats_distance(fam["train_stats"], z, min(self.knn_k, len(fam["train_stats"])))
+            odd = dist > fam["threshold_stats"]
+            for r, d, o in zip(reasons, dist, odd):
+                if o: r.append(f"colours and texture unlike the training images (image-statistics distance {d:.3g} > "
+                               f"{fam['threshold_stats']:.3g}, which {pct} % of held-out validation images stay within)")
+            far = far | odd
+        tiny = np.zeros(len(images), bool)
+        for i, size in enumerate(sizes if sizes is not None else [None] * len(images)):
+            if size is None or min(size) >= self.img_size: continue
+            tiny[i] = min(size) < self.img_size / 2   # more than twice upscaled: the detail the model judges is made up
+            reasons[i].append(f"upscaled from {size[0]}x{size[1]} to {self.img_size}x{self.img_size}"
+                              + (": too small to judge" if tiny[i] else ""))
+        ok = ~(far | tiny)
+        return pd.DataFrame({"in_distribution": ok, "reason": ["; ".join(r) or "like the training images" for r in reasons]})
+
+    def score(self, images: np.ndarray, batch_size: int = 256, sizes=None, keep_unfamiliar: bool = False) -> pd.DataFrame:
+        """Probability, kNN score and its validation percentile, whether the image looks like the training data
+        (and why not), and the decision at each operating point: images unlike the training data are never
+        flagged unless `keep_unfamiliar`. `sizes`: each image's (width, height) before resizing."""
         feats = self.features(images, batch_size)
         prob = self.probe.probability(feats)
         knn = knn_scores(self.train_features, feats, k=self.knn_k, device=self.device)
         out = pd.DataFrame({"probability": prob, "knn_score": knn,
                             "knn_percentile": 100 * np.searchsorted(self.val_knn, knn, side="right") / len(self.val_knn)})
-        for name in OPERATING_POINTS: out[f"flag_{name}"] = prob >= self.thresholds[name]
+        out = pd.concat([out, self.familiar(images, knn, sizes)], axis=1)
+        judged = out.in_distribution.to_numpy() | keep_unfamiliar
+        for name in OPERATING_POINTS: out[f"flag_{name}"] = (prob >= self.thresholds[name]) & judged
         return out
+
+    def share_flagged(self, name: str) -> float:
+        "The share of the run's validation images the operating point `name` flags."
+        return float(np.mean(self.val_probability >= self.thresholds[name]))
 
 # %% ../nbs/17_predict.ipynb #86339bbe
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
@@ -112,7 +190,9 @@ def check_output_path(path, option: str, kind: str = "file") -> Path:
 
 
 def collect_inputs(inputs, image_dir=None) -> list[Path]:
-    "The image paths named by `inputs` (files, folders, CSVs with a `Filename` column), in order, deduplicated."
+    """The image paths named by `inputs` (files, folders, CSVs with a `Filename` column), in order, deduplicated.
+    A CSV's names are found as training finds them: in `image_dir` if given, else in `images/` beside the CSV
+    or in the CSV's own folder, whichever holds its first image."""
     paths = []
     for item in inputs:
         p = Path(item).expanduser()
@@ -129,10 +209,11 @@ def collect_inputs(inputs, image_dir=None) -> list[Path]:
             table.columns = [str(c).strip() for c in table.columns]
             if "Filename" not in table:
                 raise PredictError(f"{p} has no 'Filename' column (columns: {list(table.columns)[:8]})")
-            base = Path(image_dir).expanduser() if image_dir else p.parent
             names = table["Filename"].str.strip()
             if (names == "").any():
                 raise PredictError(f"{p}: {int((names == '').sum())} row(s) have an empty Filename; fill them or drop them")
+            # the folder training would read: `images/` beside the CSV or the CSV's own folder (chapter 02)
+            base = Path(image_dir).expanduser() if image_dir else _default_image_dir(p.parent, names.iloc[0] if len(names) else None)
             paths += [base / name for name in names]
         else:
             paths.append(p)
@@ -148,9 +229,23 @@ def read_images(paths, size: int) -> tuple[np.ndarray, list, list]:
     return (np.stack(images) if images else np.zeros((0, size, size, 3), np.uint8)), kept, failed
 
 # %% ../nbs/17_predict.ipynb #44b373de
+def image_sizes(paths) -> list:
+    "Each image's (width, height) as stored (read from its header only); None where it cannot be read."
+    from PIL import Image
+    sizes = []
+    for p in paths:
+        try:
+            with Image.open(p) as im: sizes.append(im.size)
+        except Exception: sizes.append(None)
+    return sizes
+
+
 def predict(run_dir, inputs, out=None, batch_size: int = 256, device: str = "cpu", image_dir=None,
-            progress: bool = True, chunk: int = 1024, detector: Detector | None = None) -> tuple[pd.DataFrame, list]:
-    "Score `inputs` with the run in `run_dir`: (table, [(path, reason)] of unreadable images); `out`: CSV path."
+            progress: bool = True, chunk: int = 1024, detector: Detector | None = None,
+            keep_unfamiliar: bool = False) -> tuple[pd.DataFrame, list]:
+    """Score `inputs` with the run in `run_dir`: (table, [(path, reason)] of unreadable images); `out`: CSV path.
+    Images unlike the training data (`in_distribution` False, `reason` says why) are flagged at no operating
+    point unless `keep_unfamiliar`."""
     from tqdm.auto import tqdm
     if out is not None: check_output_path(out, "out")       # before anything is scored
     det = detector or Detector.load(run_dir, device)
@@ -160,9 +255,12 @@ def predict(run_dir, inputs, out=None, batch_size: int = 256, device: str = "cpu
         for start in range(0, len(paths), chunk):
             images, kept, bad = read_images(paths[start:start + chunk], det.img_size)
             failed += bad
-            if kept: tables.append(det.score(images, batch_size).assign(file=[str(p) for p in kept]))
+            if kept:
+                tables.append(det.score(images, batch_size, sizes=image_sizes(kept), keep_unfamiliar=keep_unfamiliar)
+                              .assign(file=[str(p) for p in kept]))
             bar.update(len(kept) + len(bad))
-    cols = ["file", "probability", "knn_score", "knn_percentile", *[f"flag_{n}" for n in OPERATING_POINTS]]
+    cols = ["file", "probability", "knn_score", "knn_percentile", "in_distribution", "reason",
+            *[f"flag_{n}" for n in OPERATING_POINTS]]
     table = pd.concat(tables, ignore_index=True)[cols] if tables else pd.DataFrame(columns=cols)
     table["rank"] = table["probability"].rank(ascending=False, method="first").astype(int)
     if out is not None: atomic_write(out, lambda t: table.to_csv(t, index=False, float_format="%.6g"))
@@ -181,7 +279,7 @@ def _histogram(det: Detector, table: pd.DataFrame):
     ax.hist(det.val_probability, bins=bins, density=True, alpha=0.45, label="validation images (the run's)")
     ax.hist(table["probability"], bins=bins, density=True, alpha=0.6, label="these images")
     for (name, t), color in zip(det.thresholds.items(), ("C3", "C2", "C4", "k")):
-        ax.axvline(t, color=color, ls="--", lw=1, label=f"{name} ({t:.2f})")
+        ax.axvline(t, color=color, ls="--", lw=1, label=f"{name} ({t:.3g})")
     ax.set_xlabel("defect probability"); ax.set_ylabel("density"); ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     return fig
@@ -197,11 +295,26 @@ class _ProbeLogit(nn.Module):
     def forward(self, x): return self.linear((self.backbone(x) - self.mean) / self.std).squeeze(1)
 
 
+POINT_MEANINGS = {
+    "recall": "the highest threshold that still flags the target share of the validation defects ({recall:.0%}): "
+              "few defects missed, many normal images to look at",
+    "f1": "the threshold with the best F1 on the validation images: precision and recall weighed equally",
+    "f2": "the threshold with the best F2 on the validation images: recall weighs four times precision, so it "
+          "sits low and flags much",
+    "paper": "a fixed probability of 0.5, as the paper reports; not tuned to this run's validation images"}
+
+
+def describe_points(det: Detector) -> list[dict]:
+    "Each operating point: its threshold, the share of the run's validation images it flags, what it means."
+    return [{"point": n, "threshold": t, "validation_share_flagged": det.share_flagged(n),
+             "meaning": POINT_MEANINGS[n].format(recall=det.cfg.target_recall)} for n, t in det.thresholds.items()]
+
+
 def triage_report(det: Detector, table: pd.DataFrame, path, top_k: int = 12, failed=()) -> Path:
     "Write the HTML triage report of a `predict` table: histogram with operating points, top-k with saliency."
     from matplotlib.figure import Figure
     from sewer_ssl.explorers import _overlay, saliency_maps
-    top = table.sort_values("probability", ascending=False).head(top_k)
+    top = table.sort_values("rank").head(top_k)   # ties keep their rank order: #1 before #2
     images, kept, _ = read_images([Path(p) for p in top["file"]], det.img_size)
     maps = saliency_maps(det.method, images, score_fn=_ProbeLogit(det).to(det.device))["input_x_gradient"] if len(kept) else []
     cells = []
@@ -212,10 +325,20 @@ def triage_report(det: Detector, table: pd.DataFrame, path, top_k: int = 12, fai
         fig.tight_layout()
         flags = ", ".join(n for n in OPERATING_POINTS if row[f"flag_{n}"]) or "none"
         cells.append(f'<figure><img src="{_png_data_uri(fig)}" alt="{html.escape(Path(row["file"]).name)}">'
-                     f'<figcaption>#{row["rank"]} {html.escape(Path(row["file"]).name)}<br>p = {row["probability"]:.3f}, '
-                     f'kNN percentile {row["knn_percentile"]:.0f}<br>flagged at: {flags}</figcaption></figure>')
-    counts = "".join(f"<tr><td>{n}</td><td>{t:.3f}</td><td>{int(table[f'flag_{n}'].sum())}</td></tr>"
-                     for n, t in det.thresholds.items())
+                     f'<figcaption>#{row["rank"]} {html.escape(Path(row["file"]).name)}<br>p = {row["probability"]:.3g}, '
+                     f'kNN percentile {row["knn_percentile"]:.0f}<br>flagged at: {flags}'
+                     f'{"" if row["in_distribution"] else "<br>unlike the training data"}</figcaption></figure>')
+    counts = "".join(f"<tr><td>{p['point']}</td><td>{p['threshold']:.3g}</td><td>{p['validation_share_flagged']:.1%}</td>"
+                     f"<td>{int(table['flag_' + p['point']].sum())}</td><td>{html.escape(p['meaning'])}</td></tr>"
+                     for p in describe_points(det))
+    unfamiliar = table[~table["in_distribution"].astype(bool)]
+    odd = "".join(f"<li>{html.escape(Path(f).name)} (p = {p:.3g}): {html.escape(r)}</li>"
+                  for f, p, r in zip(unfamiliar["file"], unfamiliar["probability"], unfamiliar["reason"]))
+    still_flagged = bool(len(unfamiliar)) and bool(unfamiliar[[f"flag_{n}" for n in OPERATING_POINTS]].to_numpy().any())
+    odd_section = (f"<h2>{len(unfamiliar)} image(s) unlike the training data</h2><p>Their scores say little: the model "
+                   "never saw anything like them. " + ("They are flagged like the others (--keep-unfamiliar)." if still_flagged else
+                   "They are flagged at no operating point (--keep-unfamiliar flags them by their probability).")
+                   + f"</p><ul>{odd}</ul>") if len(unfamiliar) else "<p>Every image looks like the training data.</p>"
     bad = "".join(f"<li>{html.escape(str(p))}: {html.escape(why)}</li>" for p, why in failed)
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>Triage: {html.escape(det.cfg.name)}</title>
 <style>body{{font-family:sans-serif;max-width:1100px;margin:auto}} figure{{display:inline-block;margin:6px;
@@ -224,7 +347,9 @@ td,th{{border:1px solid #ccc;padding:2px 8px}}</style></head><body>
 <h1>Triage report</h1><p>Run <code>{html.escape(det.cfg.name)}</code> ({det.cfg.method}, {det.cfg.backbone},
 {det.cfg.img_size} px). {len(table)} images scored{f", {len(failed)} unreadable" if failed else ""}.
 Operating points were chosen on the run's validation pool only.</p>
-<table><tr><th>operating point</th><th>threshold</th><th>images flagged</th></tr>{counts}</table>
+<table><tr><th>operating point</th><th>threshold</th><th>validation images it flags</th><th>images flagged here</th>
+<th>what it means</th></tr>{counts}</table>
+{odd_section}
 <h2>Scores</h2><img src="{_png_data_uri(_histogram(det, table))}" alt="score histogram">
 <h2>Top {len(cells)} by defect probability</h2>{''.join(cells)}
 {f"<h2>Unreadable images</h2><ul>{bad}</ul>" if failed else ""}</body></html>"""
@@ -241,6 +366,19 @@ class ExportedDetector(nn.Module):
     def forward(self, images): return torch.sigmoid(self.logit((images - self.norm_mean) / self.norm_std))
 
 
+# how the run's image cache turned files into 8-bit RGB (sewer_ssl.data.decode_image); a deployment must do the same
+DECODE_CONTRACT = {
+    "function": "sewer_ssl.data.decode_image",
+    "bit_depth": "16-bit images (PIL modes I;16*, I) keep their top 8 bits: value >> 8 after clipping to 0-65535, "
+                 "whatever the image's own range (not PIL's convert, which clips at 255)",
+    "float": "32-bit float images (mode F): values all within [0, 1] are fractions of full scale (x 255); "
+             "otherwise 0-255 values, clipped, NaN as 0; then rounded",
+    "mode": "grayscale is repeated into R = G = B; palette images are expanded; alpha (and palette "
+            "transparency) is dropped, not composited",
+    "exif_orientation": "not applied: the pixels as stored in the file, as in training",
+    "frames": "the first frame of a multi-frame file"}
+
+
 def input_contract(det: Detector) -> dict:
     "What an exported detector expects and returns."
     s = det.img_size
@@ -248,6 +386,7 @@ def input_contract(det: Detector) -> dict:
             "input": {"name": "images", "shape": ["batch", 3, s, s], "dtype": "float32", "layout": "NCHW",
                       "channel_order": "RGB", "range": [0.0, 1.0],
                       "resize": f"the whole decoded image, converted to 8-bit RGB, resized to {s}x{s} bicubic (PIL)",
+                      "decode": DECODE_CONTRACT,
                       "normalisation": {"inside_the_model": True, "mean": list(NORM_MEAN), "std": list(NORM_STD)}},
             "output": {"name": "defect_probability", "shape": ["batch"], "dtype": "float32",
                        "meaning": "the linear probe's probability that the image shows a defect",
@@ -293,6 +432,8 @@ def main(argv=None) -> int:
     parser.add_argument("--image-dir", help="folder the Filename values of CSV inputs are relative to")
     parser.add_argument("--export", metavar="DIR", help="write detector.torchscript.pt, detector.onnx, detector.json")
     parser.add_argument("--no-onnx", action="store_true", help="with --export: TorchScript only")
+    parser.add_argument("--keep-unfamiliar", action="store_true",
+                        help="flag images unlike the training data too (by default they are flagged at no operating point)")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ...")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -311,12 +452,23 @@ def main(argv=None) -> int:
         if not args.paths: return 0
         t0 = time.perf_counter()
         table, failed = predict(args.run_dir, args.paths, args.out, args.batch_size, args.device, args.image_dir,
-                                progress=not args.quiet, detector=det)
+                                progress=not args.quiet, detector=det, keep_unfamiliar=args.keep_unfamiliar)
     except PredictError as e:
         print(f"error: {e}", file=sys.stderr); return 1
     print(f"{len(table)} images scored in {time.perf_counter() - t0:.1f} s -> {args.out}")
-    for name, t in det.thresholds.items():
-        print(f"  {name:7s} threshold {t:.3f}: {int(table[f'flag_{name}'].sum())} flagged")
+    for p in describe_points(det):
+        print(f"  {p['point']:7s} threshold {p['threshold']:.3g} (flags {p['validation_share_flagged']:.1%} of the run's "
+              f"validation images): {int(table['flag_' + p['point']].sum())} flagged")
+    n_odd = int((~table["in_distribution"].astype(bool)).sum())
+    if n_odd:
+        print(f"  {n_odd} image(s) unlike the training data (in_distribution False, the reason column says why): "
+              + ("flagged by their probability (--keep-unfamiliar)" if args.keep_unfamiliar else
+                 "flagged at no operating point; --keep-unfamiliar flags them by their probability"))
+        n_held_out = len(det.familiarity["held_out_features"])
+        if n_held_out < 1 / det.familiarity["alpha"]:
+            print(f"  (the familiarity thresholds come from only {n_held_out} validation images: per yardstick, about 1 "
+                  f"in {n_held_out + 1} ordinary images is expected among the unfamiliar by chance; read their reasons, "
+                  "or pass --keep-unfamiliar)")
     if args.report: print(f"report: {triage_report(det, table, args.report, args.top_k, failed)}")
     for p, why in failed: print(f"unreadable: {p}: {why}", file=sys.stderr)
     return 2 if failed else 0   # 2: some images could not be read (the others are scored and written)
