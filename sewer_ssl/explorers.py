@@ -153,16 +153,16 @@ def to_image(x: torch.Tensor) -> np.ndarray:
     return out.movedim(-3, -1).numpy()
 
 
-def code_examples(codes=("normal", *CODES), size: int = 64, seed: int = 0, difficulty: float = 0.0) -> dict:
+def code_examples(codes=("normal", *CODES), size: int = 64, seed: int = 0, nuisance=0.0) -> dict:
     """One synthetic image per code: code -> (image, footprint). The footprint is the boolean mask of
     pixels the defect changed (None for 'normal')."""
     from sewer_ssl.synthetic import defect_footprint, render_pipe   # the generator, only when asked
     out = {}
     for i, code in enumerate(codes):
         if code == "normal":
-            out[code] = (render_pipe(np.random.default_rng([seed, i]), (), size, difficulty)[0], None)
+            out[code] = (render_pipe(np.random.default_rng([seed, i]), (), size, nuisance=nuisance)[0], None)
         else:
-            img, _, mask = defect_footprint([seed, i], (code,), size, difficulty)
+            img, _, mask = defect_footprint([seed, i], (code,), size, nuisance=nuisance)
             out[code] = (img, mask)
     return out
 
