@@ -28,7 +28,6 @@ from .controls import image_statistics
 from .data import _default_image_dir, decode_image
 from .evaluate import OPERATING_POINTS, LinearProbe, extract_features, knn_scores
 from .experiment import DETECTOR_FILE, pickle_payload_message
-from .explorers import load_run
 from .files import atomic_write, atomic_write_text
 from .train import TrainingError
 
@@ -111,6 +110,7 @@ class Detector:
                                + (f"{DETECTOR_FILE} is written by the run's evaluation: run the same command again "
                                   "(it only re-evaluates)" if missing == [DETECTOR_FILE] else
                                   "checkpoint.pt holds the trained weights; train the run (again) to have it"))
+        from sewer_ssl.explorers import load_run   # on use: explorers needs ipywidgets, absent on a GPU machine
         try: cfg, method = load_run(run_dir, device)
         except TrainingError as e: raise PredictError(str(e)) from None   # a damaged checkpoint, named with the fix
         except pickle.UnpicklingError as e:                                # never the advice to load it unsafely

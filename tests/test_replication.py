@@ -75,7 +75,7 @@ def test_each_view_passes_the_backbone_on_its_own(method):
 @pytest.mark.parametrize("size", [32, 64])
 def test_the_generator_writes_valid_images_for_20_seeds(size, tmp_path):
     for seed in range(20):
-        rows = _render_chunk((str(tmp_path), 1 + 40 * seed, [True, False] * 5, size, 0.0, seed))
+        rows = _render_chunk((str(tmp_path), 1 + 40 * seed, [True, False] * 5, size, 0.0, 1.0, seed))
         assert len(rows) == 10
     from PIL import Image
     files = sorted(tmp_path.glob("*.png"))
@@ -90,7 +90,7 @@ def test_a_connection_near_the_camera_no_longer_crashes_the_generator(tmp_path):
     # "ValueError: scale < 0": roots anchored on a branch-pipe hole got a negative depth
     from sewer_ssl.synthetic import _defect_flags
     flag = bool(_defect_flags(1000, 0.47, 2, 1)[1555 - 1001])
-    rows = _render_chunk((str(tmp_path), 1555, [flag], 64, 0.0, 2))
+    rows = _render_chunk((str(tmp_path), 1555, [flag], 64, 0.0, 1.0, 2))
     assert len(rows) == 1 and (tmp_path / "00001555.png").is_file()
 
 
