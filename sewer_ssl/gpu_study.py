@@ -22,7 +22,7 @@ import pandas as pd
 
 from .config import BUDGETS, PROPORTIONS, ExperimentConfig
 from .files import atomic_write, atomic_write_text, read_json
-from .grid import GRIDS, STUDY_SEEDS, Cell, GridError, GridSpec, build_cells, results_table, write_results_table
+from .grid import GRIDS, STUDY_SEEDS, Cell, GridError, GridSpec, build_cells, cell_state, results_table, write_results_table
 
 # %% auto #0
 __all__ = ['STUDY_BUDGET', 'STUDY_GRID', 'STUDY_OUT', 'SYNTHETIC_GENERATOR', 'DATASET_SPECS', 'FULL_EXPORTS', 'ELPV_CELLS',
@@ -110,19 +110,12 @@ def study_cells(out=STUDY_OUT, datasets=("synthetic", "elpv"), generator: dict |
     return cells
 
 # %% ../nbs/11a_gpu_study.ipynb #1819b3a7
-_WHERE = ("out_dir", "data_dir", "device", "num_workers", "overwrite")   # where and how a run ran, not what
-
-
 def study_state(cell: Cell) -> tuple[str, str | None]:
-    """(state, detail): 'done' for a finished run with this cell's settings (wherever its data and run folders
-    were: a run finished on another machine counts), 'conflict' for one with other settings, else 'todo'."""
-    metrics, saved = read_json(cell.run_dir / "metrics.json"), read_json(cell.run_dir / "config.json")
-    if not isinstance(metrics, dict) or not metrics.get("rows"): return "todo", None
-    diff = cell.config().differences(saved or {}, _WHERE)
-    if diff:
-        return "conflict", (f"{cell.run_dir} holds a finished run with other settings: "
-                            + "; ".join(f"{k}={a!r} there, {b!r} here" for k, a, b in diff[:4]))
-    return "done", None
+    """(state, detail): the grid's `cell_state` as the study reads it: 'done' for a finished run with this cell's
+    settings (wherever its data and run folders were: a run finished on another machine counts), 'conflict' for
+    one with other settings, else 'todo'."""
+    state, detail = cell_state(cell)
+    return (state, detail) if state in ("done", "conflict") else ("todo", None)
 
 # %% ../nbs/11a_gpu_study.ipynb #73776113
 RATE_COLUMNS = ["run_id", "dataset", "method", "backbone", "img_size", "batch_size", "epochs", "n_train",

@@ -234,7 +234,9 @@ def build_cells(grid: str | GridSpec, *, outputs="outputs", out_dir=None, datase
     return cells
 
 # %% ../nbs/11_grid.ipynb #9bde6553
-_IGNORED_IN_COMPARISON = ("out_dir", "device", "num_workers", "overwrite")   # where and how, not what, a run computed
+# where and how, not what, a run computed: the data a run read is checked by its content (data.json), not its path,
+# so a run finished on another machine counts
+_IGNORED_IN_COMPARISON = ("out_dir", "data_dir", "device", "num_workers", "overwrite")
 HEARTBEAT_S = 60        # a running cell touches its cell_status.json this often ...
 STALE_AFTER_S = 600     # ... so one silent this long, on another host, has lost its worker
 
